@@ -1,0 +1,43 @@
+# segkd — the project's commands. Every target that needs Python depends on `setup`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.segkd-setup
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
+PYTEST_WORKERS ?= 2
+
+.PHONY: setup build-abn test demo bench tables lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -qq --upgrade "pip>=23" "setuptools>=77" wheel
+	$(PY) -m pip install -qq $(TORCH_PINS)
+	$(PY) -m pip install -qq --no-build-isolation -e ".[dev]"
+	@touch $(STAMP)
+	@echo "setup: $(VENV) ready ($$($(PY) -c 'import torch; print("torch", torch.__version__)'))"
+
+build-abn: setup
+	$(PY) -m common.abn.build
+
+test: setup build-abn
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
+
+demo: setup build-abn
+	$(PY) -m cwd.demo
+
+bench: setup build-abn
+	$(PY) -m bench
+
+tables: setup
+	$(PY) -m common.tables
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf build common/abn/_ext* common/abn/build_tmp .pytest_cache .ruff_cache demo_data runs outputs
+	find . -name __pycache__ -prune -exec rm -rf {} +

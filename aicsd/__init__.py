@@ -1,0 +1,1 @@
+"""AICSD: original entry points rebuilt on segkd's common package."""

@@ -1,0 +1,1 @@
+"""Benchmarks: each module's ``main()`` prints ratios against a baseline measured in the same run."""

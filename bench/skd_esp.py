@@ -1,0 +1,87 @@
+"""eval_esp.py throughput (images/s) on the CamVid test split, CPU, against the original loop in the same run.
+
+Baseline = the conference code's loop (skd_cvpr19.md §6): no DataLoader workers, contiguous tensors, a numpy
+masked array and the original ``get_confusion_matrix`` per image. Uses ``$CAMVID`` (or ../shared/data/camvid)
+and ``base_57.8.pth`` when present, else a synthetic CamVid and random weights (said in the output).
+"""
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils import data
+
+from common.datasets.camvid import CamVidLight
+from common.models import build_model
+from common.models.weights import load_checkpoint, load_state_dict_strict
+from skd.eval_esp import evaluate, predict_esp
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def original_confusion(gt, pred, n):
+    index = (gt * n + pred).astype("int32")
+    count = np.bincount(index)
+    cm = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            if i * n + j < len(count):
+                cm[i, j] = count[i * n + j]
+    return cm
+
+
+def original_loop(model, dataset):
+    """The §6 loop as written: batch 1, no workers, masked array, per-image bincount matrix."""
+    cm = np.zeros((11, 11))
+    loader = data.DataLoader(dataset, batch_size=1, shuffle=False, num_workers=0)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for image, label, size, _ in loader:
+            out = predict_esp(model, image, (360, 480))
+            seg_pred = np.asarray(out.numpy()[0], dtype=np.uint8)
+            seg_pred = np.ma.masked_array(seg_pred, mask=label.numpy()[0] == 255, fill_value=20)
+            seg_gt = np.asarray(label.numpy()[0][:size[0, 0], :size[0, 1]], dtype=int)
+            keep = seg_gt != 255
+            cm += original_confusion(seg_gt[keep], np.asarray(seg_pred)[keep], 11)
+    seconds = time.perf_counter() - start
+    tp = np.diag(cm)
+    return float((tp / np.maximum(1.0, cm.sum(1) + cm.sum(0) - tp)).mean()), seconds
+
+
+def _data():
+    env = os.environ.get("CAMVID")
+    root = Path(env) if env else REPO.parent / "shared" / "data" / "camvid"
+    ckpt = REPO.parent / "shared" / "data" / "checkpoints" / "skd_camvid_espnet" / "base_57.8.pth"
+    if (root / "test.txt").is_file():
+        return root, ckpt if ckpt.is_file() else None, None
+    from common.datasets.synthetic import make_camvid
+
+    tmp = tempfile.TemporaryDirectory()
+    make_camvid(tmp.name, splits={"test": 24}, size=(360, 480), seed=0)
+    return Path(tmp.name), None, tmp
+
+
+def main():
+    torch.set_num_threads(2)
+    root, ckpt, tmp = _data()
+    model = build_model("espnet", num_classes=11).eval()
+    if ckpt is not None:
+        load_state_dict_strict(model, load_checkpoint(str(ckpt), "checkpoint"), str(ckpt))
+    what = f"{root} with {ckpt.name if ckpt else 'random weights (synthetic data)'}"
+    dataset = CamVidLight(root, root / "test.txt")
+    n = len(dataset)
+    print(f"bench skd_esp: ESPNet, {n} CamVid test images from {what}, CPU, 2 threads")
+    base_miou, base_s = original_loop(model, dataset)
+    loader = data.DataLoader(dataset, batch_size=1, shuffle=False, num_workers=1)
+    cm, count, ours_s = evaluate(model, loader, 11, 255, torch.device("cpu"), progress=False, channels_last=True)
+    print(f"  original loop : {n / base_s:6.2f} images/s ({base_s:5.1f} s)  mIoU {100 * base_miou:.4f}")
+    print(f"  eval_esp.py   : {count / ours_s:6.2f} images/s ({ours_s:5.1f} s)  mIoU {100 * cm.miou():.4f}")
+    print(f"  speed-up      : {base_s / ours_s:.2f}x")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""CIRKD: original entry points rebuilt on segkd's common package."""

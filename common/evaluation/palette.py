@@ -1,0 +1,77 @@
+"""Prediction palettes and PNG writing (ifvd_skd.md §C.6 "Saving", skd_cvpr19.md §6.4, cirkd.md §1.5-1.6)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+# The 19 Cityscapes trainId colours (road, sidewalk, ..., bicycle), as used by the SKD CVPR'19 CamVid eval
+# (skd_cvpr19.md §6.4: CamVid class k is drawn in Cityscapes colour k) and by CIRKD's --save-pred for Cityscapes.
+CITYSCAPES_COLORS = (
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
+)
+
+
+def get_palette(num_cls: int = 256) -> list[int]:
+    """PASCAL-VOC bit-interleaved palette as a flat [r0, g0, b0, r1, ...] list (§C.6; the originals' `get_palette`).
+
+    Class j takes bits (0,1,2), (3,4,5), ... of j for R, G, B, written MSB-first: 1 -> (128,0,0), 8 -> (64,0,0).
+    """
+    j = np.arange(num_cls)
+    pal = np.zeros((num_cls, 3), dtype=np.int64)
+    for i in range(8):
+        for ch in range(3):
+            pal[:, ch] |= ((j >> (3 * i + ch)) & 1) << (7 - i)
+    return pal.reshape(-1).tolist()
+
+
+def cityscapes_palette() -> list[int]:
+    """The 19 Cityscapes colours, zero-padded to 256 entries (flat list)."""
+    flat = [c for rgb in CITYSCAPES_COLORS for c in rgb]
+    return flat + [0] * (256 * 3 - len(flat))
+
+
+def resolve_palette(palette: str | list[int] | None) -> list[int] | None:
+    """"voc" (§C.6 default), "cityscapes", None (grayscale) or a flat RGB list, as a flat list or None."""
+    if palette is None or isinstance(palette, (list, tuple)):
+        return None if palette is None else list(palette)
+    if palette == "voc":
+        return get_palette(256)
+    if palette == "cityscapes":
+        return cityscapes_palette()
+    raise ValueError(f"palette must be 'voc', 'cityscapes', None or a list of RGB values, got {palette!r}")
+
+
+def save_prediction_png(pred, path, palette: list[int] | None = None) -> Path:
+    """Write `pred` (H×W class indices < 256) as an 8-bit PNG, atomically.
+
+    With a palette it is a P-mode image (the originals' `putpalette`); with `palette=None` it is grayscale
+    (CIRKD's test-server export, cirkd.md §1.6).
+    """
+    if isinstance(pred, torch.Tensor):
+        pred = pred.detach().cpu().numpy()
+    pred = np.asarray(pred)
+    if pred.ndim != 2 or pred.size and (pred.min() < 0 or pred.max() > 255):
+        raise ValueError(f"prediction must be an H×W array of values in [0, 255], got shape {pred.shape}")
+    img = Image.fromarray(pred.astype(np.uint8), mode="L")
+    if palette is not None:
+        img = img.convert("P")
+        img.putpalette(palette)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            img.save(fh, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

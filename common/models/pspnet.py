@@ -1,0 +1,87 @@
+"""PSPNet on the deep-stem dilated ResNet, as in IFVD/CWD/SKD (specs/ifvd_skd.md §C.1, §A.3, §B.3)."""
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.abn import norm_layer as get_norm_layer
+
+from .registry import register_model
+from .resnet import BasicBlock, Bottleneck, ResNet
+from .weights import load_imagenet_backbone
+
+
+class PSPModule(nn.Module):
+    """Pyramid pooling (bins 1, 2, 3, 6) + 3x3 bottleneck -> ABN (leaky 0.01) -> Dropout2d(0.1)."""
+
+    def __init__(self, features, out_features, norm_layer, sizes=(1, 2, 3, 6)):
+        super().__init__()
+        self.stages = nn.ModuleList([
+            nn.Sequential(nn.AdaptiveAvgPool2d(size), nn.Conv2d(features, out_features, 1, bias=False),
+                          norm_layer(out_features))
+            for size in sizes
+        ])
+        self.bottleneck = nn.Sequential(
+            nn.Conv2d(features + len(sizes) * out_features, out_features, 3, padding=1, bias=False),
+            norm_layer(out_features),
+            nn.Dropout2d(0.1),
+        )
+
+    def forward(self, feats):
+        size = feats.shape[2:]
+        priors = [F.interpolate(stage(feats), size=size, mode="bilinear", align_corners=True)
+                  for stage in self.stages]
+        return self.bottleneck(torch.cat(priors + [feats], 1))
+
+
+class PSPNet(ResNet):
+    """``Res_pspnet``: backbone, ``pspmodule``, 1x1 ``head`` and the layer3 ``dsn`` head (§C.1 "Heads").
+
+    ``forward`` returns ``[logits, dsn_logits, psp_feat]`` at output stride 8 (no softmax, no
+    upsampling); with ``return_features`` (SKD, §B.3) it appends ``x4, x3, x2, x1``.
+    """
+
+    def __init__(self, block, layers, num_classes=19, norm="auto", return_features=False):
+        super().__init__(block, layers, get_norm_layer(norm))
+        channels = 512 * block.expansion
+        out = channels // 4
+        self.return_features = return_features
+        self.pspmodule = PSPModule(channels, out, self.norm_layer)
+        self.head = nn.Conv2d(out, num_classes, kernel_size=1, bias=True)
+        self.dsn = nn.Sequential(
+            nn.Conv2d(channels // 2, out, kernel_size=3, padding=1),
+            self.norm_layer(out),
+            nn.Dropout2d(0.1),
+            nn.Conv2d(out, num_classes, kernel_size=1, bias=True),
+        )
+
+    def forward(self, x):
+        x1, x2, x3, x4 = super().forward(x)
+        x_dsn = self.dsn(x3)
+        psp_feat = self.pspmodule(x4)
+        outputs = [self.head(psp_feat), x_dsn, psp_feat]
+        if self.return_features:
+            outputs += [x4, x3, x2, x1]
+        return outputs
+
+
+def _pspnet(block, layers, num_classes, norm, pretrained_backbone, return_features):
+    model = PSPNet(block, layers, num_classes=num_classes, norm=norm, return_features=return_features)
+    if pretrained_backbone is not None:
+        load_imagenet_backbone(model, pretrained_backbone)
+    return model
+
+
+@register_model
+def pspnet_resnet18(num_classes: int = 19, norm: str = "auto", pretrained_backbone: Optional[str] = None,
+                    return_features: bool = False) -> PSPNet:
+    """The IFVD/CWD/SKD student, PSPNet on deep-stem ResNet-18 (13,068,262 parameters for 19 classes)."""
+    return _pspnet(BasicBlock, [2, 2, 2, 2], num_classes, norm, pretrained_backbone, return_features)
+
+
+@register_model
+def pspnet_resnet101(num_classes: int = 19, norm: str = "auto", pretrained_backbone: Optional[str] = None,
+                     return_features: bool = False) -> PSPNet:
+    """The IFVD/CWD/SKD teacher, PSPNet on deep-stem ResNet-101 (70,437,350 parameters for 19 classes)."""
+    return _pspnet(Bottleneck, [3, 4, 23, 3], num_classes, norm, pretrained_backbone, return_features)

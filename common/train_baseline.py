@@ -1,0 +1,226 @@
+"""Supervised (no-KD) training of teachers and baseline students with the toolbox recipe.
+
+specs/ifvd_skd.md §D.2: the IFVD/SKD teachers presumably came from pytorch-segmentation-toolbox's
+``run_local.sh``: SGD lr 1e-2, momentum 0.9, weight decay 5e-4, poly 0.9 (IFVD indexing, it = 0..N-1,
+§A.6/§C.7), CE + 0.4·aux (``CriterionDSN``), 40k steps, batch 8, crop 769, random scale and mirror,
+ImageNet backbone. Data as §C.5 (one shuffle of the ``num_steps·batch`` repeated list), final
+whole-image evaluation on val (§C.6) written to ``results.json``.
+
+    python -m common.train_baseline --model pspnet_resnet101 --data-dir $CITYSCAPES \\
+        --restore-from resnet101-imagenet.pth --save-dir runs/teacher
+    torchrun --nproc_per_node=4 -m common.train_baseline ...   # --batch-size is the total batch
+
+Writes into ``--save-dir``: ``training_state.pth`` (resumable with ``--resume``), the final weights
+``CS_scenes_<num_steps>.pth`` (a bare state_dict, loadable as a teacher), ``results.json``,
+``metrics.jsonl`` and ``log.txt``.
+"""
+import argparse
+import contextlib
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from common.engine import (
+    FinalEval,
+    Logging,
+    LRSchedule,
+    PeriodicCheckpoint,
+    PolySpec,
+    ResumableSampler,
+    RunLogger,
+    SeededDataset,
+    Trainer,
+    atomic_save,
+    barrier,
+    init_distributed,
+    load_training_state,
+    loader_generator,
+    make_sgd,
+    save_training_state,
+    seed_everything,
+    worker_init_fn,
+)
+from common.engine.dist import destroy
+from common.errors import UserError, main_guard
+
+STATE_NAME = "training_state.pth"
+
+
+def _pair(text):
+    try:
+        h, w = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'H,W' (two integers), got {text!r}") from None
+    if h <= 0 or w <= 0:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return h, w
+
+
+def get_parser():
+    p = argparse.ArgumentParser(prog="python -m common.train_baseline", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="pspnet_resnet101", help="registered model name (common.models)")
+    p.add_argument("--num-classes", type=int, default=19)
+    p.add_argument("--norm", default="auto", choices=["auto", "abn", "bn"], help="InPlace-ABN backend")
+    p.add_argument("--restore-from", default=None, help="ImageNet backbone weights (e.g. resnet101-imagenet.pth)")
+    p.add_argument("--data-dir", default=os.environ.get("CITYSCAPES"), help="Cityscapes root (default $CITYSCAPES)")
+    p.add_argument("--data-list", default=None, help="train list (default: the shipped train.lst)")
+    p.add_argument("--data-listval", default=None, help="val list (default: the shipped val.lst)")
+    p.add_argument("--ignore-label", type=int, default=255)
+    p.add_argument("--input-size", type=_pair, default=(769, 769), help="train crop H,W")
+    p.add_argument("--batch-size", type=int, default=8, help="total over all processes")
+    p.add_argument("--num-steps", type=int, default=40000)
+    p.add_argument("--learning-rate", type=float, default=1e-2)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--power", type=float, default=0.9)
+    p.add_argument("--random-scale", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--random-mirror", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-dir", default="snapshots")
+    p.add_argument("--save-every", type=int, default=2000, help="write training_state.pth every N steps (0: end only)")
+    p.add_argument("--resume", default=None, help="training_state.pth of an earlier run")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast for the forward pass (off: fp32)")
+    p.add_argument("--log-every", type=int, default=20, help="console line every N steps")
+    p.add_argument("--paper", default="ifvd", help="results.json `paper`: the table of the run (ifvd, cwd, skd)")
+    p.add_argument("--method", default="baseline", choices=["baseline", "teacher"],
+                   help="results.json `method`: 'baseline' (no-KD student) or 'teacher' (the tables' row names)")
+    return p
+
+
+def _check_args(args):
+    for name in ("num_steps", "batch_size"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.save_every < 0 or args.num_workers < 0:
+        raise UserError("--save-every and --num-workers must be >= 0")
+    if not args.data_dir:
+        raise UserError("no Cityscapes root given; pass --data-dir or set CITYSCAPES")
+    if not Path(args.data_dir).is_dir():
+        raise UserError(f"Cityscapes root {args.data_dir} does not exist; pass --data-dir or set CITYSCAPES")
+    if args.resume and not Path(args.resume).is_file():
+        raise UserError(f"resume checkpoint {args.resume} does not exist; pass the {STATE_NAME} of an earlier run")
+    from common.models import list_models
+    from common.tables.schema import PAPERS
+
+    if args.model not in list_models():
+        raise UserError(f"unknown model {args.model!r}; choose one of: {', '.join(list_models())}")
+
+    if args.paper not in PAPERS:
+        raise UserError(f"--paper {args.paper!r} is not a results paper; choose one of {', '.join(PAPERS)}")
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    _check_args(args)
+    from common.datasets.cityscapes import CSTrainValSet, default_list
+    from common.evaluation import evaluate_main, write_results_json
+    from common.losses.segmentation import CriterionDSN
+    from common.models import build_model
+
+    t_start = time.time()
+    seed_everything(args.seed)
+    info = init_distributed(args.device)
+    device = info.device
+    if args.batch_size % info.world_size:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {info.world_size} processes")
+    batch = args.batch_size // info.world_size
+    save_dir = Path(args.save_dir)
+    data_list = args.data_list or default_list("train", args.data_dir)
+    data_listval = args.data_listval or default_list("val", args.data_dir)
+
+    train_set = CSTrainValSet(args.data_dir, data_list, max_iters=args.num_steps * args.batch_size,
+                              crop_size=args.input_size, scale=args.random_scale, mirror=args.random_mirror,
+                              ignore_label=args.ignore_label)
+    val_set = CSTrainValSet(args.data_dir, data_listval, crop_size=None, ignore_label=args.ignore_label)
+    model = build_model(args.model, num_classes=args.num_classes, norm=args.norm,
+                        pretrained_backbone=args.restore_from).to(device)
+    optimizer = make_sgd(model.parameters(), args.learning_rate, args.momentum, args.weight_decay)
+    criterion = CriterionDSN(ignore_index=args.ignore_label, aux_weight=0.4)
+
+    start_step, data_position, elapsed_before = 0, 0, 0.0
+    if args.resume:
+        run = {"seed": args.seed, "num_steps": args.num_steps, "batch_size": args.batch_size,
+               "world_size": info.world_size}
+        state = load_training_state(args.resume, {"model": model}, {"optimizer": optimizer}, expect=run)
+        start_step, data_position = state["step"], state["data_position"]
+        elapsed_before = float(state["extra"].get("elapsed_s", 0.0))
+    logger = RunLogger(save_dir, "train_baseline", enabled=info.is_main, start_step=start_step)
+    for key, value in sorted(vars(args).items()):
+        logger.debug(f"{key} : {value}")
+    logger.info(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, device {device}, "
+                f"{info.world_size} process(es), batch {batch}/process, steps {start_step}..{args.num_steps}")
+
+    sampler = ResumableSampler(len(train_set), args.seed, start=data_position, rank=info.rank,
+                               world_size=info.world_size)
+    loader = DataLoader(SeededDataset(train_set, args.seed), batch_size=batch, sampler=sampler,
+                        num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=False,
+                        worker_init_fn=worker_init_fn, generator=loader_generator(args.seed))
+    net = model
+    if info.world_size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else contextlib.nullcontext
+
+    def step_fn(data, step):
+        images = data[0].to(device, non_blocking=True)
+        labels = data[1].to(device, non_blocking=True).long()
+        with autocast():
+            preds = net(images)
+        loss = criterion([preds[0].float(), preds[1].float()], labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"loss": loss.detach()}
+
+    def save(n):
+        if info.is_main:
+            save_training_state(save_dir / STATE_NAME, step=n, models={"model": model},
+                                optimizers={"optimizer": optimizer}, data_position=n * batch,
+                                extra={"model": args.model, "seed": args.seed, "num_steps": args.num_steps,
+                                       "batch_size": args.batch_size, "world_size": info.world_size,
+                                       "elapsed_s": elapsed_before + time.time() - t_start})
+            if n == args.num_steps:
+                atomic_save(model.state_dict(), save_dir / f"CS_scenes_{n}.pth")
+            logger.info(f"saved {save_dir / STATE_NAME} at step {n}")
+        barrier()
+
+    def final_eval():
+        shard = Subset(val_set, range(info.rank, len(val_set), info.world_size))
+        val_loader = DataLoader(shard, batch_size=1, shuffle=False, num_workers=0)
+        result = evaluate_main(model, val_loader, num_classes=args.num_classes, device=device,
+                               ignore_label=args.ignore_label, progress=info.is_main)
+        logger.info(f"mean_IU: {result.miou:.6f}  IU_array: {[round(float(v), 4) for v in result.iou]}")
+        if info.is_main:
+            fields = result.result_fields()
+            fields["wall_time_s"] = elapsed_before + time.time() - t_start  # the whole run, across resumes
+            path = write_results_json(
+                save_dir / "results.json", paper=args.paper, method=args.method, model=args.model,
+                dataset="cityscapes", split="val", iterations=args.num_steps, crop=list(args.input_size),
+                batch=args.batch_size, seed=args.seed,
+                extra={"recipe": "toolbox (specs/ifvd_skd.md §D.2)", "norm": args.norm,
+                       "world_size": info.world_size},
+                **fields)
+            logger.info(f"wrote {path}")
+
+    hooks = [
+        LRSchedule([PolySpec("G", optimizer, args.learning_rate)], args.num_steps, power=args.power),
+        Logging(logger, device=device, period=args.log_every),
+        PeriodicCheckpoint(save, every=args.save_every or None, start=0, final=True),
+        FinalEval(final_eval),
+    ]
+    model.train()
+    try:
+        Trainer(step_fn, iter(loader), args.num_steps, start_step=start_step, hooks=hooks).train()
+    finally:
+        logger.close()
+        destroy()
+
+
+if __name__ == "__main__":
+    main_guard(main)()

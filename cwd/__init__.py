@@ -1,0 +1,1 @@
+"""CWD: original entry points rebuilt on segkd's common package."""

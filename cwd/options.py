@@ -1,0 +1,176 @@
+"""The original ``options.py`` of SemSeg-distill (specs/cwd.md §3.1): every flag with its default.
+
+Added flags (``--device``, ``--seed``, ``--resume``, ``--amp``, ``--norm``, ``--num-workers``,
+``--state-every``, ``--outputs-dir``) never change the original behaviour at their defaults.
+
+Demo preset (``SEGKD_DEMO=1``, ``make demo``): the defaults of the data lists, crop, batch, number of
+steps, teacher checkpoint and ImageNet init change to the small synthetic set-up below; every other
+default, and every flag given on the command line, stays as it is. ``SEGKD_DEMO_STEPS``,
+``SEGKD_DEMO_CROP`` ("h,w"), ``SEGKD_DEMO_BATCH`` and ``SEGKD_DEMO_TEACHER`` override the preset.
+"""
+import argparse
+import os
+from pathlib import Path
+
+from common.errors import UserError
+
+DEMO_DATA_DIR = "./demo_data/cityscapes"
+DEMO_TEACHER = "./demo_runs/teacher/teacher_city.pth"
+DEMO_STEPS = 120
+DEMO_CROP = "96,96"
+DEMO_BATCH = 4
+
+
+def str2bool(value):
+    """The original ``str2bool``: yes/true/t/y/1 and no/false/f/n/0 in any case."""
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if value.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected (true/false), got {value!r}")
+
+
+def demo_enabled():
+    """Whether the demo preset is active (``SEGKD_DEMO`` set to anything but "" or "0")."""
+    return os.environ.get("SEGKD_DEMO", "") not in ("", "0")
+
+
+def demo_preset():
+    """The defaults the demo preset replaces (train.py), from the constants and the SEGKD_DEMO_* overrides."""
+    steps = int(os.environ.get("SEGKD_DEMO_STEPS", DEMO_STEPS))
+    return {
+        "input_size": os.environ.get("SEGKD_DEMO_CROP", DEMO_CROP),
+        "batch_size": int(os.environ.get("SEGKD_DEMO_BATCH", DEMO_BATCH)),
+        "num_steps": steps,
+        "save_ckpt_start": steps,
+        "T_ckpt_path": os.environ.get("SEGKD_DEMO_TEACHER", DEMO_TEACHER),
+        "is_student_load_imgnet": False,
+        "num_workers": 0,
+    }
+
+
+def _add_runtime(parser):
+    parser.add_argument("--device", default="auto", help="added: auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    parser.add_argument("--norm", default="auto", choices=("auto", "abn", "bn"),
+                        help="added: InPlace-ABN backend (auto = compiled extension when built, else pure PyTorch)")
+
+
+def _input_size(text):
+    try:
+        h, w = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--input-size must read 'h,w' (e.g. 512,512), got {text!r}") from None
+    if h <= 0 or w <= 0:
+        raise argparse.ArgumentTypeError(f"--input-size must be positive, got {text!r}")
+    return text
+
+
+def train_parser():
+    """``TrainOptions``: the original flags and defaults (§3.1) plus the added ones."""
+    p = argparse.ArgumentParser(prog="python cwd/train.py",
+                                description="CWD distillation of PSPNet-R18 from PSPNet-R101.")
+    p.add_argument("--local_rank", type=int, default=0, help="unused (as in the original; torchrun sets LOCAL_RANK)")
+    p.add_argument("--data_set", type=str, default="city", help="prefix of the checkpoint names")
+    p.add_argument("--num_classes", type=int, default=19)
+    p.add_argument("--data-dir", type=str, default="/workdir/cityscapes", help="Cityscapes root")
+    p.add_argument("--data-list", type=str, default=None,
+                   help="training list (original ./dataset/list/cityscapes/train.lst; default: the shipped list)")
+    p.add_argument("--data-listval", type=str, default=None,
+                   help="list of the final evaluation (original ./dataset/list/cityscapes/val.lst; default: shipped)")
+    p.add_argument("--ignore-label", type=int, default=255, help="parsed but unused, as in the original")
+    p.add_argument("--input-size", type=_input_size, default="512,512", help="training crop 'h,w'")
+    p.add_argument("--random-mirror", action="store_true")
+    p.add_argument("--random-scale", action="store_true")
+    p.add_argument("--T_ckpt_path", type=str, default="./ckpt/teacher_city.pth", help="teacher weights (required)")
+    p.add_argument("--S_resume", type=str2bool, default=False)
+    p.add_argument("--S_ckpt_path", type=str, default="")
+    p.add_argument("--D_resume", type=str2bool, default=False)
+    p.add_argument("--D_ckpt_path", type=str, default="")
+    p.add_argument("--is-student-load-imgnet", type=str2bool, default=True)
+    p.add_argument("--student-pretrain-model-imgnet", type=str, default="./ckpt/resnet18-imagenet.pth")
+    p.add_argument("--gpu", type=str, default="None", help="ignored by train.py, as in the original; use --device")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-steps", type=int, default=40000)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--power", type=float, default=0.9)
+    p.add_argument("--lr-g", type=float, default=1e-2)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--last-step", type=int, default=0)
+    p.add_argument("--kd", type=str2bool, default=True)
+    p.add_argument("--lambda-kd", type=float, default=10.0)
+    p.add_argument("--cwd", type=str2bool, default=True)
+    p.add_argument("--cwd-feat", type=str2bool, default=False)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--lambda-cwd", type=float, default=1.0)
+    p.add_argument("--norm-type", type=str, default="none")
+    p.add_argument("--divergence", type=str, default="kl")
+    p.add_argument("--adv", type=str2bool, default=False)
+    p.add_argument("--lambda-adv", type=float, default=0.001)
+    p.add_argument("--preprocess-GAN-mode", type=int, default=1)
+    p.add_argument("--adv-loss-type", type=str, default="wgan-gp")
+    p.add_argument("--imsize-for-adv", type=int, default=65)
+    p.add_argument("--adv-conv-dim", type=int, default=64)
+    p.add_argument("--lambda-gp", type=float, default=10.0)
+    p.add_argument("--lambda-d", type=float, default=0.1)
+    p.add_argument("--lr-d", type=float, default=4e-4)
+    p.add_argument("--ifv", type=str2bool, default=False, help="dead in CWD (accepted, has no effect)")
+    p.add_argument("--lambda-ifv", type=float, default=200.0, help="dead in CWD (accepted, has no effect)")
+    p.add_argument("--save-name", type=str, default="exp")
+    p.add_argument("--save-dir", type=str, default="ckpt")
+    p.add_argument("--save-ckpt-start", type=int, default=40000)
+    p.add_argument("--save-ckpt-every", type=int, default=1000)
+    _add_runtime(p)
+    p.add_argument("--seed", type=int, default=0, help="added: seed of random/numpy/torch (the original: 0)")
+    p.add_argument("--amp", action="store_true", help="added: mixed precision forwards (losses stay fp32)")
+    p.add_argument("--num-workers", type=int, default=4, help="added: training loader workers (original 4)")
+    p.add_argument("--resume", type=str, default=None,
+                   help="added: continue from a training_state.pth (model, optimizers, step, RNG, data position)")
+    p.add_argument("--state-every", type=int, default=1000,
+                   help="added: also write <run>/training_state.pth every N steps (0 = only at save points)")
+    p.add_argument("--outputs-dir", type=str, default="./outputs",
+                   help="added: where the final evaluation writes its prediction PNGs (original ./outputs)")
+    if demo_enabled():
+        p.set_defaults(**demo_preset())
+    return p
+
+
+def eval_parser(kind):
+    """``ValOptions`` (kind "val") and ``TestOptions`` (kind "test"): the original five flags plus added ones."""
+    p = argparse.ArgumentParser(prog=f"python cwd/{kind}.py",
+                                description=f"{'Evaluate' if kind == 'val' else 'Write test-server predictions of'} "
+                                            "a CWD student checkpoint.")
+    p.add_argument("--data-dir", type=str, default="/workdir/cityscapes")
+    p.add_argument("--data-list", type=str, default=None,
+                   help=f"original ./dataset/list/cityscapes/{kind}.lst; default: the shipped list")
+    p.add_argument("--num_classes", type=int, default=19)
+    p.add_argument("--restore-from", type=str, default="", help="student checkpoint (city_39999_G.pth)")
+    p.add_argument("--gpu", type=str, default="None", help="accepted for compatibility; use --device")
+    _add_runtime(p)
+    p.add_argument("--outputs-dir", type=str, default="./outputs",
+                   help="added: prediction PNG folder (original ./outputs)")
+    if kind == "val":
+        p.add_argument("--results", type=str, default=None,
+                       help="added: results.json path (default: next to --restore-from)")
+    return p
+
+
+def resolve_list(path, split, data_dir):
+    """``path`` if given; otherwise ``<data_dir>/lists/<split>.lst`` under the demo preset, else the shipped list."""
+    from common.datasets.cityscapes import default_list
+
+    if path:
+        return path
+    local = Path(data_dir) / "lists" / f"{split}.lst"
+    if demo_enabled():
+        if not local.is_file():
+            raise UserError(f"demo list {local} does not exist; generate the demo data with "
+                            f"`python -m common.datasets.synthetic cityscapes {data_dir}` or unset SEGKD_DEMO")
+        return str(local)
+    return default_list(split, root=data_dir)
+
+
+def parse_input_size(text):
+    h, w = (int(v) for v in text.split(","))
+    return h, w

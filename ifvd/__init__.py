@@ -1,0 +1,1 @@
+"""IFVD: original entry points rebuilt on segkd's common package."""

@@ -1,0 +1,134 @@
+"""IFVD's ``options.py`` (specs/ifvd_skd.md §A.2.2, §A.2.3): every original flag with its original default.
+
+Added flags (``--device``, ``--norm``, ``--seed``, ``--amp``, ``--num-workers``, ``--resume``,
+``--state-every``, ``--outputs-dir``, ``--teacher-model``, ``--results``) never change the original
+behaviour at their defaults. ``--data-list``/``--data-listval`` default to the shipped Cityscapes lists
+(the original's ``./dataset/list/cityscapes/*.lst``), else ``<data-dir>/lists/<split>.lst``.
+"""
+import argparse
+
+from common.datasets.cityscapes import default_list
+
+STUDENT = "pspnet_resnet18"
+TEACHERS = ("pspnet_resnet101", "pspnet_resnet18")
+
+
+def str2bool(value):
+    """The original ``str2bool``: yes/true/t/y/1 and no/false/f/n/0 in any case."""
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if value.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected (true/false), got {value!r}")
+
+
+def size_pair(text):
+    """``"h,w"`` -> ``(h, w)`` of positive ints (``--input-size``)."""
+    try:
+        h, w = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a size must read 'h,w' (e.g. 512,512), got {text!r}") from None
+    if h <= 0 or w <= 0:
+        raise argparse.ArgumentTypeError(f"a size must be positive, got {text!r}")
+    return h, w
+
+
+def _runtime(p):
+    p.add_argument("--device", default="auto", help="added: auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    p.add_argument("--norm", default="auto", choices=("auto", "abn", "bn"),
+                   help="added: InPlace-ABN backend (auto = compiled extension when built, else pure PyTorch)")
+    p.add_argument("--outputs-dir", type=str, default="./outputs",
+                   help="added: folder of the prediction PNGs (original ./outputs; '' writes none)")
+
+
+def train_parser():
+    """``TrainOptions`` (§A.2.2) plus the added flags."""
+    p = argparse.ArgumentParser(prog="python ifvd/train.py",
+                                description="IFVD: distil PSPNet-R101 into PSPNet-R18 on Cityscapes.")
+    p.add_argument("--data_set", type=str, default="city", help="tag of the log and checkpoint names")
+    p.add_argument("--num_classes", type=int, default=19)
+    p.add_argument("--data-dir", type=str, default="/workdir/cityscapes", help="Cityscapes root")
+    p.add_argument("--data-list", type=str, default=None,
+                   help="train list (original ./dataset/list/cityscapes/train.lst; default: the shipped list)")
+    p.add_argument("--data-listval", type=str, default=None,
+                   help="val list of the evaluation (original ./dataset/list/cityscapes/val.lst; default: shipped)")
+    p.add_argument("--ignore-label", type=int, default=255, help="parsed but unused, as in the original (255 is fixed)")
+    p.add_argument("--input-size", type=size_pair, default=(512, 512), help="training crop 'h,w'")
+    p.add_argument("--random-mirror", action="store_true", help="random horizontal flip (off unless given)")
+    p.add_argument("--random-scale", action="store_true", help="random rescale in [0.7, 2.1] (off unless given)")
+    p.add_argument("--T_ckpt_path", type=str, default="./ckpt/teacher_city.pth", help="teacher weights (required)")
+    p.add_argument("--S_resume", type=str2bool, default=False)
+    p.add_argument("--S_ckpt_path", type=str, default="", help="student state_dict (or {'state_dict', 'step'})")
+    p.add_argument("--D_resume", type=str2bool, default=False)
+    p.add_argument("--D_ckpt_path", type=str, default="")
+    p.add_argument("--is-student-load-imgnet", type=str2bool, default=True)
+    p.add_argument("--student-pretrain-model-imgnet", type=str, default="./ckpt/resnet18-imagenet.pth")
+    p.add_argument("--gpu", type=str, default="None",
+                   help="written to CUDA_VISIBLE_DEVICES when given (the original's default 'None' hid all GPUs)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-steps", type=int, default=40000)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--power", type=float, default=0.9)
+    p.add_argument("--lr-g", type=float, default=1e-2)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--last-step", type=int, default=0)
+    p.add_argument("--kd", type=str2bool, default=True)
+    p.add_argument("--lambda-kd", type=float, default=10.0)
+    p.add_argument("--adv", type=str2bool, default=True)
+    p.add_argument("--lambda-adv", type=float, default=0.001)
+    p.add_argument("--preprocess-GAN-mode", type=int, default=1, help="1 = BatchNorm, 2 = tanh, 3 = 2(x/255-0.5)")
+    p.add_argument("--adv-loss-type", type=str, default="wgan-gp", help="wgan-gp or hinge")
+    p.add_argument("--imsize-for-adv", type=int, default=65, help="must be 65, as in the original")
+    p.add_argument("--adv-conv-dim", type=int, default=64, help="must be 64, as in the original")
+    p.add_argument("--lambda-gp", type=float, default=10.0)
+    p.add_argument("--lambda-d", type=float, default=0.1)
+    p.add_argument("--lr-d", type=float, default=4e-4)
+    p.add_argument("--ifv", type=str2bool, default=True)
+    p.add_argument("--lambda-ifv", type=float, default=200.0)
+    p.add_argument("--save-name", type=str, default="exp")
+    p.add_argument("--save-dir", type=str, default="ckpt")
+    p.add_argument("--save-ckpt-start", type=int, default=40000)
+    p.add_argument("--save-ckpt-every", type=int, default=200)
+    _runtime(p)
+    p.add_argument("--teacher-model", default="pspnet_resnet101", choices=TEACHERS,
+                   help="added: teacher architecture (demo/tests use a small one; the original is pspnet_resnet101)")
+    p.add_argument("--seed", type=int, default=0, help="added: seed of random/numpy/torch (the original: 0)")
+    p.add_argument("--amp", action="store_true", help="added: mixed-precision forwards (losses stay fp32)")
+    p.add_argument("--num-workers", type=int, default=4, help="added: training loader workers (original 4)")
+    p.add_argument("--resume", type=str, default=None,
+                   help="added: continue from a training_state.pth (models, optimizers, step, RNG, data position)")
+    p.add_argument("--state-every", type=int, default=1000,
+                   help="added: write <save-dir>/<save-name>/training_state.pth every N steps (0: at save points only)")
+    return p
+
+
+def eval_parser(kind):
+    """``ValOptions`` (kind "val") / ``TestOptions`` (kind "test") (§A.2.3) plus the added flags."""
+    action = "Evaluate an IFVD student on Cityscapes val" if kind == "val" else "Write Cityscapes test predictions"
+    p = argparse.ArgumentParser(prog=f"python ifvd/{kind}.py", description=f"{action} (whole image, scale 1.0).")
+    p.add_argument("--data-dir", type=str, default="/workdir/cityscapes")
+    p.add_argument("--data-list", type=str, default=None,
+                   help=f"original ./dataset/list/cityscapes/{kind}.lst; default: the shipped list")
+    p.add_argument("--num_classes", type=int, default=19)
+    p.add_argument("--restore-from", type=str, default="", help="student state_dict, e.g. ckpt/exp/city_39999_G.pth")
+    p.add_argument("--gpu", type=str, default="None", help="written to CUDA_VISIBLE_DEVICES when given")
+    _runtime(p)
+    if kind == "val":
+        p.add_argument("--results", type=str, default=None,
+                       help="added: results.json path (default: next to --restore-from)")
+    return p
+
+
+def resolve_list(path, split, data_dir):
+    """``path`` if given, else the shipped ``<split>.lst`` (or ``<data_dir>/lists/<split>.lst``)."""
+    return path if path else default_list(split, root=data_dir)
+
+
+def apply_gpu(gpu):
+    """The original ``os.environ['CUDA_VISIBLE_DEVICES'] = args.gpu``, skipped for the default 'None'."""
+    import os
+
+    if gpu not in ("None", ""):
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu

@@ -1,0 +1,39 @@
+"""IFVD ``test.py`` (specs/ifvd_skd.md §A.2.3, §C.6): Cityscapes test-set predictions for the server.
+
+Whole image at its own size (1024x2048 on Cityscapes), scale 1.0; writes ``<outputs-dir>/<image stem>.png``
+in labelId coding (VOC palette, as the original); no metric.
+"""
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from torch.utils.data import DataLoader
+
+from common.datasets.cityscapes import CSTestSet
+from common.engine import resolve_device
+from common.errors import UserError, main_guard
+from common.evaluation import evaluate_main
+from ifvd.options import apply_gpu, eval_parser, resolve_list
+from ifvd.val import load_student
+
+
+@main_guard
+def main(argv=None):
+    args = eval_parser("test").parse_args(argv)
+    print(" ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
+    if not args.outputs_dir:
+        raise UserError("--outputs-dir is empty, but test.py only writes predictions; pass a folder")
+    apply_gpu(args.gpu)
+    device = resolve_device(args.device)
+    dataset = CSTestSet(args.data_dir, resolve_list(args.data_list, "test", args.data_dir), crop_size=None)
+    student = load_student(args, device)
+    loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=0)
+    result = evaluate_main(student, loader, num_classes=args.num_classes, device=device, whole=True, mode="test",
+                           output_dir=args.outputs_dir)
+    print(f"{result.num_images} test predictions (labelIds) written to {args.outputs_dir}")
+
+
+if __name__ == "__main__":
+    main()

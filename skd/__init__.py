@@ -1,0 +1,1 @@
+"""SKD: original entry points rebuilt on segkd's common package."""

@@ -1,0 +1,132 @@
+"""SKD journal code ``utils/train_options.py`` (specs/ifvd_skd.md §B.2.3, §B.2.4): every original flag and default.
+
+Added flags (``--device``, ``--norm``, ``--seed``, ``--amp``, ``--num-workers``, ``--resume``, ``--state-every``,
+``--outputs-dir``, ``--log-dir``, ``--data-listval``, ``--save-steps``, ``--teacher-model``) never change the
+original behaviour at their defaults. ``--data-list`` was ignored by the original (the train list was hard-coded);
+here it defaults to that same list and is honoured when given.
+"""
+import argparse
+
+from common.datasets.cityscapes import default_list
+
+STUDENT = "pspnet_resnet18"
+TEACHERS = ("pspnet_resnet101", "pspnet_resnet18")
+SAVE_PATH = "save_path"  # the literal folder name of the original's overrides (§B.2.2 step 1)
+
+
+def str2bool(value):
+    """The original ``str2bool``: yes/true/t/y/1 and no/false/f/n/0 in any case."""
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if value.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected (true/false), got {value!r}")
+
+
+def size_pair(text):
+    """``"h,w"`` -> ``(h, w)`` of positive ints (``--input-size``)."""
+    try:
+        h, w = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a size must read 'h,w' (e.g. 512,512), got {text!r}") from None
+    if h <= 0 or w <= 0:
+        raise argparse.ArgumentTypeError(f"a size must be positive, got {text!r}")
+    return h, w
+
+
+def _runtime(p):
+    p.add_argument("--device", default="auto", help="added: auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    p.add_argument("--norm", default="auto", choices=("auto", "abn", "bn"),
+                   help="added: InPlace-ABN backend (auto = compiled extension when built, else pure PyTorch)")
+    p.add_argument("--outputs-dir", type=str, default="./outputs",
+                   help="added: folder of the prediction PNGs (original ./outputs; '' writes none during training)")
+
+
+def train_parser():
+    """``TrainOptions`` (§B.2.3) plus the added flags."""
+    p = argparse.ArgumentParser(prog="python skd/train_and_eval.py",
+                                description="SKD (journal code): distil PSPNet-R101 into PSPNet-R18 on Cityscapes "
+                                            "with pixel-wise, pair-wise and holistic distillation.")
+    p.add_argument("--data_set", type=str, default="cityscape", help="log-file tag")
+    p.add_argument("--classes_num", type=int, default=19)
+    p.add_argument("--T_ckpt_path", type=str, default="./ckpt/Teacher/CS_scenes_38413_0.7832174615268139.pth",
+                   help="teacher weights (toolbox head.0/head.1 keys are remapped)")
+    p.add_argument("--S_resume", type=str2bool, default=True,
+                   help="without ImageNet init: load <S_ckpt_path>/model_best.pth.tar when it exists")
+    p.add_argument("--S_ckpt_path", type=str, default="./dataset/resnet18-imagenet.pth",
+                   help=f"overwritten with ./ckpt/{SAVE_PATH}/Student, as in the original")
+    p.add_argument("--D_resume", type=str2bool, default=True, help="load <D_ckpt_path>/model_best.pth.tar if present")
+    p.add_argument("--D_ckpt_path", type=str, default="",
+                   help=f"overwritten with ./ckpt/{SAVE_PATH}/Distriminator, as in the original")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--start_epoch", type=int, default=0)
+    p.add_argument("--epoch_nums", type=int, default=1, help="one 'epoch' is the whole num-steps loader")
+    p.add_argument("--parallel", type=str, default="True", help="accepted; no effect (one module, or torchrun)")
+    p.add_argument("--data-dir", type=str, default="", help="Cityscapes root")
+    p.add_argument("--data-list", type=str, default=None,
+                   help="train list (the original always used ./dataset/list/cityscapes/train.lst; default: shipped)")
+    p.add_argument("--ignore-label", type=int, default=255, help="parsed but unused, as in the original")
+    p.add_argument("--input-size", type=size_pair, default=(512, 512), help="training crop 'h,w'")
+    p.add_argument("--is-training", action="store_true", help="unused, as in the original")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum of G and D")
+    p.add_argument("--num-steps", type=int, default=40000)
+    p.add_argument("--power", type=float, default=0.9)
+    p.add_argument("--random-mirror", action="store_true")
+    p.add_argument("--random-scale", action="store_true")
+    p.add_argument("--snapshot-dir", type=str, default="./snapshots/")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="of G and D (the script passes 5e-4)")
+    p.add_argument("--gpu", type=str, default="None", help="only counted, as in the original; use --device")
+    p.add_argument("--recurrence", type=int, default=1, help="unused, as in the original")
+    p.add_argument("--last-step", type=int, default=0, help="the first step is last-step + 1")
+    p.add_argument("--is-student-load-imgnet", type=str2bool, default=True)
+    p.add_argument("--student-pretrain-model-imgnet", type=str, default="None")
+    p.add_argument("--pi", type=str2bool, default=True, help="pixel-wise distillation")
+    p.add_argument("--pa", type=str2bool, default=True, help="pair-wise distillation")
+    p.add_argument("--ho", type=str2bool, default=True, help="holistic (adversarial) distillation")
+    p.add_argument("--adv-loss-type", type=str, default="wgan-gp", help="wgan-gp or hinge")
+    p.add_argument("--imsize-for-adv", type=int, default=65, help="must be 65, as in the original")
+    p.add_argument("--adv-conv-dim", type=int, default=64, help="must be 64, as in the original")
+    p.add_argument("--lambda-gp", type=float, default=10.0)
+    p.add_argument("--lambda-d", type=float, default=0.1, help="weights the G adversarial term and the D loss")
+    p.add_argument("--lambda-pi", type=float, default=10.0)
+    p.add_argument("--lambda-pa", type=float, default=1.0, help="the script passes 0.5")
+    p.add_argument("--pool-scale", type=float, default=0.5)
+    p.add_argument("--preprocess-GAN-mode", type=int, default=1, help="1 = BatchNorm, 2 = tanh, 3 = 2(x/255-0.5)")
+    p.add_argument("--lr-g", type=float, default=1e-2)
+    p.add_argument("--lr-d", type=float, default=4e-4)
+    p.add_argument("--best-mean-IU", type=float, default=0.0, help="stored and unused, as in the original")
+    _runtime(p)
+    p.add_argument("--data-listval", type=str, default=None,
+                   help="added: val list (the original's hard-coded ./dataset/list/cityscapes/val.lst)")
+    p.add_argument("--save-steps", type=int, default=None,
+                   help="added: evaluation period near the end (default int(2975 / batch-size) = 371, as the original)")
+    p.add_argument("--teacher-model", default="pspnet_resnet101", choices=TEACHERS,
+                   help="added: teacher architecture (demo/tests use a small one; the original is pspnet_resnet101)")
+    p.add_argument("--log-dir", type=str, default=f"./ckpt/log/{SAVE_PATH}", help="added: log folder (original value)")
+    p.add_argument("--seed", type=int, default=None, help="added: seed everything (the original sets no seed)")
+    p.add_argument("--amp", action="store_true", help="added: mixed-precision forwards (losses stay fp32)")
+    p.add_argument("--num-workers", type=int, default=4, help="added: training loader workers (original 4)")
+    p.add_argument("--resume", type=str, default=None,
+                   help="added: continue from a training_state.pth (models, optimizers, step, RNG, data position)")
+    p.add_argument("--state-every", type=int, default=1000,
+                   help="added: write <log-dir>/training_state.pth every N steps (0: at evaluations only)")
+    return p
+
+
+def prediction_parser():
+    """``TrainOptionsForTest`` (§B.2.4) plus the added flags."""
+    p = argparse.ArgumentParser(prog="python skd/test.py",
+                                description="SKD (journal code): Cityscapes test predictions of a PSPNet-R18 student.")
+    p.add_argument("--data-dir", type=str, default="", help="Cityscapes root")
+    p.add_argument("--resume-from", type=str, default="", help="student state_dict, e.g. CS_scenes_39326_0.75.pth")
+    p.add_argument("--data-list", type=str, default=None,
+                   help="added: test list (the original's hard-coded ./dataset/list/cityscapes/test.lst)")
+    _runtime(p)
+    return p
+
+
+def resolve_list(path, split, data_dir):
+    """``path`` if given, else the shipped ``<split>.lst`` (or ``<data_dir>/lists/<split>.lst``)."""
+    return path if path else default_list(split, root=data_dir)

@@ -1,0 +1,42 @@
+"""SKD journal code ``test.py`` (specs/ifvd_skd.md §B.2.4, §C.6): Cityscapes test-set predictions.
+
+Whole image at its own size (1024x2048 on Cityscapes), scale 1.0; writes ``<outputs-dir>/<image stem>.png`` in
+labelId coding with the VOC palette, for the evaluation server. No metric.
+"""
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from torch.utils.data import DataLoader
+
+from common.datasets.cityscapes import CSTestSet
+from common.engine import resolve_device
+from common.errors import UserError, main_guard
+from common.evaluation import evaluate_main
+from common.models import build_model
+from common.models.weights import load_checkpoint, load_state_dict_strict
+from skd.options import STUDENT, prediction_parser, resolve_list
+
+RESTORE_HINT = "pass --resume-from with a student state_dict such as ./ckpt/CS_scenes_39326_0.75.pth"
+
+
+@main_guard
+def main(argv=None):
+    args = prediction_parser().parse_args(argv)
+    if not args.outputs_dir:
+        raise UserError("--outputs-dir is empty, but test.py only writes predictions; pass a folder")
+    device = resolve_device(args.device)
+    dataset = CSTestSet(args.data_dir, resolve_list(args.data_list, "test", args.data_dir), crop_size=None)
+    student = build_model(STUDENT, num_classes=19, norm=args.norm)
+    state = load_checkpoint(args.resume_from, "student checkpoint (--resume-from)", RESTORE_HINT)
+    load_state_dict_strict(student, state, f"student checkpoint {args.resume_from}")
+    loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=0)
+    result = evaluate_main(student.to(device), loader, num_classes=19, device=device, whole=True, mode="test",
+                           output_dir=args.outputs_dir)
+    print(f"{result.num_images} test predictions (labelIds) written to {args.outputs_dir}")
+
+
+if __name__ == "__main__":
+    main()

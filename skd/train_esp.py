@@ -1,0 +1,196 @@
+"""Train ESPNet / ESPNet-C on CamVid with the SKD conference losses — a reconstruction.
+
+The ``cvpr_19`` branch never released its training script ("coming soon"). This one assembles what the branch
+does ship (skd_cvpr19.md §8, ``network/net.py``): loss = weight_l·CE ['label' in --sd_mode]
++ weight_k·pixel-wise KD ['kd'] + weight_s·pair-wise (``CriterionSDcos``) ['sd'], the teacher in eval mode under
+no_grad. The schedule is the branch's parser defaults (SGD lr 1e-2, momentum 0.9, weight decay 5e-4, poly 0.9,
+40000 steps, batch 8, seed 304); what the spec does not give is a documented choice (skd/README.md, Deviations):
+crop 360×480, void (11) ignored in the CE, poly indexed from step 0, final evaluation on the test list.
+
+    python skd/train_esp.py --method student_esp_e --data-dir $CAMVID --sd_mode light_label_kd_sd \\
+        --teacher_model student_esp_d --teacher-path SD+KD+CITY_65.1.pth --random-mirror --random-scale
+"""
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from torch.utils import data
+
+from common.datasets.camvid import ESP_MEAN_BGR, ESP_STD_BGR, CamVidLight
+from common.datasets.cityscapes import IMG_MEAN_BGR
+from common.engine.checkpoint import atomic_save, load_training_state, save_training_state, set_rng_state
+from common.engine.logger import RunLogger
+from common.engine.lr import make_sgd
+from common.engine.seed import ResumableSampler, SeededDataset, loader_generator, seed_everything
+from common.engine.trainer import FinalEval, Logging, LRSchedule, PeriodicCheckpoint, PolySpec, Trainer
+from common.errors import UserError, main_guard
+from common.losses.skd import ConferenceCrossEntropy, PairWiseCos, PixelWiseKD
+from common.models import build_model
+from common.tables.schema import make_result, write_results
+from skd.eval_esp import METHODS, add, build_esp_model, build_parser, evaluate, load_esp_checkpoint, pick_device
+
+# Teachers with stride-8 logits (KD upsamples them ×8): registry name, index of the feature map for 'sd'.
+TEACHERS = {"psp_dsn": ("pspnet_resnet101", 2), "student_res18": ("pspnet_resnet18", 2),
+            "student_esp_e": ("espnet_c", 1)}
+
+
+def parse_args(argv=None):
+    p = build_parser(__doc__)
+    add(p, "--eval-list", default=None, help="list evaluated after training (default: test.txt of --data-dir)")
+    add(p, "--sd-loss", default="softmax", choices=PairWiseCos.MODES,
+        help="pair-wise form: softmax (CriterionSDcos), raw (CriterionSDcos_no), sigmoid (CriterionSDcos_sig)")
+    add(p, "--teacher-norm", default="student", choices=("student", "caffe", "sd"),
+        help="teacher input: the student's tensor, BGR minus the Caffe mean, or (BGR - ESP mean)/255 (_sd data)")
+    add(p, "--resume", default=None, help="training_state.pth of an interrupted run")
+    add(p, "--save-every", type=int, default=0, help="also save every N steps (0: only at the end)")
+    p.set_defaults(input_size="360,480", batch_size=8, num_workers=2)
+    return p.parse_args(argv)
+
+
+def teacher_input(x, mode):
+    """Re-normalise the student batch for the teacher (``--teacher-norm``)."""
+    if mode == "student":
+        return x
+    std = torch.tensor(ESP_STD_BGR, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    mean = torch.tensor(ESP_MEAN_BGR, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    if mode == "sd":
+        return x * std / 255.0
+    caffe = torch.tensor(IMG_MEAN_BGR, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return x * std + mean - caffe
+
+
+def build_teacher(args, device):
+    if args.teacher_model.lower() not in TEACHERS:
+        raise UserError(f"--teacher_model {args.teacher_model!r} has no stride-8 network in segkd; 'kd'/'sd' in "
+                        f"--sd_mode need one of: {', '.join(TEACHERS)}")
+    if not args.teacher_path:
+        raise UserError("'kd'/'sd' in --sd_mode need a trained teacher: pass --teacher-path <file.pth>")
+    name, feat_index = TEACHERS[args.teacher_model.lower()]
+    teacher = build_model(name, num_classes=args.num_classes)
+    load_esp_checkpoint(teacher, args.teacher_path, args.teacher_model)
+    return teacher.to(device).eval(), feat_index
+
+
+def find_list(data_dir, given, split):
+    if given:
+        return given
+    for path in (Path(data_dir) / f"{split}.txt", Path(data_dir) / "SegNet" / "CamVid" / f"{split}.txt"):
+        if path.is_file():
+            return str(path)
+    raise UserError(f"no {split}.txt under {data_dir} (nor SegNet/CamVid/{split}.txt); pass the list explicitly")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    device = pick_device(args.device)
+    if not args.data_dir:
+        raise UserError("no CamVid data directory: pass --data-dir or set CAMVID")
+    try:
+        crop = tuple(int(v) for v in args.input_size.split(","))
+    except ValueError:
+        crop = ()
+    if len(crop) != 2 or crop[0] % 8 or crop[1] % 8 or min(crop) <= 0:
+        raise UserError(f"--input-size {args.input_size!r} must read H,W with both multiples of 8 (e.g. 360,480)")
+    if args.num_steps < 1 or args.batch_size < 1:
+        raise UserError("--num-steps and --batch-size must be positive")
+    seed_everything(args.random_seed)
+    student = build_esp_model(args.method, args.num_classes).to(device)
+    use_kd, use_sd, use_label = ("kd" in args.sd_mode), ("sd" in args.sd_mode), ("label" in args.sd_mode)
+    if not (use_kd or use_sd or use_label):
+        raise UserError(f"--sd_mode {args.sd_mode!r} enables no loss; it must contain 'label', 'kd' and/or 'sd'")
+    teacher, feat_index = build_teacher(args, device) if (use_kd or use_sd) else (None, None)
+
+    train_set = CamVidLight(args.data_dir, find_list(args.data_dir, args.data_list, "train"), crop_size=crop,
+                            scale=args.random_scale, mirror=args.random_mirror, ignore_label=args.ignore_label,
+                            void_to_ignore=True)
+    eval_list = find_list(args.data_dir, args.eval_list, "test")
+    num_samples = args.num_steps * args.batch_size
+    repeated = data.ConcatDataset([train_set] * -(-num_samples // len(train_set)))
+    optimizer = make_sgd(student.parameters(), args.learning_rate, args.momentum, args.weight_decay)
+    out_dir = Path(args.snapshot_dir)
+    state_path = out_dir / "training_state.pth"
+    expect = {"seed": args.random_seed, "num_steps": args.num_steps, "batch_size": args.batch_size,
+              "method": args.method, "sd_mode": args.sd_mode}
+    start, rng = 0, None
+    if args.resume:
+        info = load_training_state(args.resume, {"student": student}, {"G": optimizer}, restore_rng=False,
+                                   expect=expect)
+        start, rng = info["step"], info["rng"]
+    sampler = ResumableSampler(len(repeated), args.random_seed, start=start * args.batch_size)
+    loader = data.DataLoader(SeededDataset(repeated, args.random_seed), batch_size=args.batch_size, sampler=sampler,
+                             num_workers=args.num_workers, drop_last=True, generator=loader_generator(args.random_seed),
+                             pin_memory=device.type == "cuda")
+    data_iter = iter(loader)
+    if rng is not None:
+        set_rng_state(rng)
+
+    criterion_l = ConferenceCrossEntropy(args.ignore_label)
+    criterion_k = PixelWiseKD(upsample=args.method.lower() == "student_esp_e", temperature=args.tem)
+    criterion_s = PairWiseCos(args.sd_loss)
+
+    def step_fn(batch, step):
+        image, label = batch[0].to(device), batch[1].to(device)
+        student.train()
+        preds = student(image)
+        losses, total = {}, 0.0
+        if teacher is not None:
+            with torch.no_grad():
+                soft = teacher(teacher_input(image, args.teacher_norm))
+        if use_label:
+            losses["label"] = criterion_l(preds[0], label)
+            total = total + args.weight_l * losses["label"]
+        if use_kd:
+            losses["kd"] = criterion_k(preds[0], soft[0])
+            total = total + args.weight_k * losses["kd"]
+        if use_sd:
+            losses["sd"] = criterion_s(preds[1], soft[feat_index])
+            total = total + args.weight_s * losses["sd"]
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        losses["loss"] = total
+        return {k: v.detach() for k, v in losses.items()}
+
+    def save(n):
+        save_training_state(state_path, step=n, models={"student": student}, optimizers={"G": optimizer},
+                            extra=expect)
+        atomic_save(student.state_dict(), out_dir / f"{args.method}_{n}.pth")
+
+    logger = RunLogger(out_dir, "skd.train_esp", start_step=start)
+    logger.info(f"train_esp: {args.method} with sd_mode={args.sd_mode}, {len(train_set)} train images, "
+                f"steps {start}..{args.num_steps - 1}, batch {args.batch_size}, crop {crop}")
+
+    def final_eval():
+        eval_set = CamVidLight(args.data_dir, eval_list, crop_size=(360, 480))
+        eval_loader = data.DataLoader(eval_set, batch_size=1, shuffle=False, num_workers=min(args.num_workers, 1))
+        cm, count, seconds = evaluate(student, eval_loader, args.num_classes, 255, device, progress=False,
+                                      channels_last=args.channels_last and device.type == "cpu")
+        student.to(memory_format=torch.contiguous_format)
+        logger.info(f"final mIoU {100 * cm.miou():.2f} on {count} images of {eval_list}")
+        write_results(out_dir / "results.json", make_result(
+            paper="skd", method=f"{args.method}:{args.sd_mode}", model=METHODS[args.method.lower()], dataset="camvid",
+            split=Path(eval_list).stem, miou=cm.miou(), iou=cm.iou().tolist(), pixel_acc=cm.pixel_acc(),
+            mean_acc=cm.mean_acc(), iterations=args.num_steps, crop=list(crop), batch=args.batch_size,
+            seed=args.random_seed, wall_time_s=seconds, images_per_s=count / seconds if seconds else None,
+            teacher=args.teacher_model if teacher is not None else None,
+            extra={"checkpoint": str(out_dir / f"{args.method}_{args.num_steps}.pth"),
+                   "reconstruction": True, "sd_loss": args.sd_loss, "teacher_norm": args.teacher_norm}))
+
+    hooks = [LRSchedule([PolySpec("G", optimizer, args.learning_rate)], args.num_steps, args.power, first_index=0),
+             Logging(logger, device, period=20),
+             PeriodicCheckpoint(save, every=args.save_every or None, final=True),
+             FinalEval(final_eval)]
+    try:
+        Trainer(step_fn, data_iter, args.num_steps, start_step=start, hooks=hooks).train()
+    finally:
+        logger.close()
+    return out_dir
+
+
+if __name__ == "__main__":
+    main_guard(main)()

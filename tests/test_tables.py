@@ -1,0 +1,249 @@
+"""common.tables: results.json schema, reported numbers (checked against the specs' text), renderer, Params/FLOPs."""
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from common.tables.__main__ import default_roots, main
+from common.tables.flops import _mapping, model_complexity
+from common.tables.render import DEMO_LABEL, fmt_reported, load_reported, render_all, render_paper
+from common.tables.schema import (
+    PAPERS,
+    RESULT_FIELDS,
+    find_results,
+    make_result,
+    read_results,
+    write_results,
+)
+
+SPECS = Path(__file__).resolve().parents[1].parent / "shared" / "specs"
+BASE = dict(paper="cwd", method="cwd", model="pspnet_resnet18", dataset="cityscapes", split="val", miou=0.7487,
+            iterations=40000, crop=(512, 512), batch=8, seed=0)
+
+
+# ---------------------------------------------------------------- schema
+def test_make_result_fills_and_validates(monkeypatch):
+    monkeypatch.delenv("SEGKD_DEMO", raising=False)
+    res = make_result(**BASE, iou=[0.5] * 19, extra={"level": "logits"})
+    assert set(res) == set(RESULT_FIELDS)
+    assert res["scale"] == "full" and res["crop"] == [512, 512] and res["code_version"]
+    assert res["schema_version"] == 1 and res["created"].endswith("+00:00")
+    monkeypatch.setenv("SEGKD_DEMO", "1")
+    assert make_result(**BASE)["scale"] == "demo"
+    numpy_typed = make_result(**dict(BASE, miou=np.float32(0.5), seed=np.int64(3), iou=[np.float32(0.25), None]))
+    assert json.loads(json.dumps(numpy_typed))["seed"] == 3 and numpy_typed["iou"] == [0.25, None]
+    bad = [dict(BASE, miou=74.87), dict(BASE, paper="psp"), dict(BASE, scale="half"), dict(BASE, unknown=1),
+           {k: v for k, v in BASE.items() if k != "seed"}, dict(BASE, iterations=1.5), dict(BASE, method=""),
+           dict(BASE, iou=[0.5, 2.0]), dict(BASE, pixel_acc=float("nan"))]
+    for fields in bad:
+        with pytest.raises(ValueError):
+            make_result(**fields)
+
+
+def test_write_read_find_results(tmp_path):
+    res = make_result(**BASE)
+    path = write_results(tmp_path / "a" / "b" / "results.json", res)
+    assert read_results(path) == res
+    assert write_results(tmp_path / "a", res) == tmp_path / "a" / "results.json"
+    assert not list(tmp_path.rglob(".tmp-*"))
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "results.json").write_text(json.dumps({"paper": "cwd"}))
+    with pytest.raises(ValueError, match="missing"):
+        read_results(tmp_path / "c" / "results.json")
+    found = find_results(tmp_path)
+    assert sorted(p.parent.name for p in found) == ["a", "b", "c"] and found == sorted(found)
+    direct = (tmp_path / "a" / "results.json").resolve()
+    assert find_results([tmp_path / "a" / "results.json", tmp_path / "nope"]) == [direct]
+
+
+# ---------------------------------------------------------------- reported numbers are the specs' numbers
+def _spec_texts(source: str) -> str:
+    names = set(re.findall(r"[a-z_0-9]+\.md", source))
+    assert names, f"source {source!r} names no spec file"
+    return "\n".join((SPECS / n).read_text() for n in names)
+
+
+def _reported_cells():
+    for paper in PAPERS:
+        data = load_reported(paper)
+        for table in data["tables"]:
+            for row in table["rows"]:
+                for value in row["values"].values():
+                    if value is not None:
+                        yield paper, row.get("source", table["source"]), value, table.get("digits", 2)
+        for block in data.get("per_class", []):
+            for v in block["iou"]:
+                yield paper, block["source"], v, block.get("digits", 2)
+
+
+def test_reported_data_is_well_formed():
+    for paper in PAPERS:
+        data = load_reported(paper)
+        assert data["paper"] == paper and data["tables"]
+        for table in data["tables"]:
+            keys = {c["key"] for c in table["columns"]}
+            assert table["source"] and table["title"]
+            for row in table["rows"]:
+                assert set(row["values"]) <= keys, (paper, table["id"], row["label"])
+        for entry in data.get("complexity", []):
+            assert entry["source"] and entry["model"] and len(entry["input_size"]) == 2
+
+
+@pytest.mark.skipif(not SPECS.is_dir(), reason="specs not found beside the repository (../shared/specs)")
+def test_every_reported_number_appears_in_its_cited_spec():
+    cache = {}
+    checked = 0
+    for paper, source, value, digits in _reported_cells():
+        text = cache.setdefault(source, _spec_texts(source))
+        cell = value if isinstance(value, dict) else {"value": value}
+        d = cell.get("digits", digits)
+        for v in (cell["value"], cell.get("std")):
+            if v is not None:
+                assert f"{v:.{d}f}" in text, (paper, source, v)
+                checked += 1
+    for paper in PAPERS:
+        for entry in load_reported(paper).get("complexity", []):
+            text = _spec_texts(entry["source"])
+            if entry.get("params"):
+                p = entry["params"]
+                assert f"{p:,}" in text or f"{p:,}".replace(",", " ") in text, (paper, entry["model"])
+            for key in ("params_m", "params_m_no_aux", "gflops"):
+                if entry.get(key) is not None:
+                    assert f"{entry[key]}" in text, (paper, entry["model"], key)
+    assert checked > 200
+
+
+def test_per_class_lists_average_to_their_miou():
+    for paper in PAPERS:
+        for block in load_reported(paper).get("per_class", []):
+            assert len(block["iou"]) == len(block["classes"]) == 19
+            stated = float(re.findall(r"(\d+\.\d+)\)?$", block["label"])[0])
+            assert abs(sum(block["iou"]) / 19 - stated) < 0.05, block["label"]
+
+
+def test_fmt_reported_keeps_published_precision():
+    assert fmt_reported(69.1) == "69.10" and fmt_reported({"value": 75.3, "digits": 1}) == "75.3"
+    assert fmt_reported({"value": 69.13, "std": 0.11}) == "69.13 ± 0.11" and fmt_reported(None) == "–"
+
+
+# ---------------------------------------------------------------- renderer
+def _write(root, name, **fields):
+    write_results(root / name / "results.json", make_result(**{**BASE, **fields}))
+
+
+def _row(text, label):
+    line = next(ln for ln in text.splitlines() if ln.startswith(f"| {label} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def _header(text, first_label):
+    lines = text.splitlines()
+    idx = next(i for i, ln in enumerate(lines) if ln.startswith(f"| {first_label} |"))
+    while not lines[idx - 1].startswith("|---"):
+        idx -= 1
+    return [c.strip() for c in lines[idx - 2].strip("|").split("|")]
+
+
+def test_render_reported_beside_measured_and_demo_kept_apart(tmp_path):
+    for seed, miou in ((0, 0.74), (1, 0.76)):
+        _write(tmp_path, f"cwd_logits_s{seed}", seed=seed, miou=miou, scale="full", extra={"level": "logits"})
+    _write(tmp_path, "cwd_demo", miou=0.30, scale="demo", extra={"level": "logits"})
+    _write(tmp_path, "baseline", method="baseline", miou=0.69, scale="full", extra={"level": "feature"})
+    _write(tmp_path, "other_paper", paper="ifvd", method="cwd", miou=0.11, scale="full", extra={"level": "logits"})
+    text = render_paper("cwd", render_all_results(tmp_path), complexity=False)
+    header = _header(text, "Teacher")
+    cd = dict(zip(header, _row(text, "CD (ours)")))
+    assert cd["logits map: reported"] == "74.87" and cd["feature map: reported"] == "74.27"
+    assert cd["logits map: measured"] == "75.00 ± 1.41 (n=2)"
+    assert cd[f"logits map: {DEMO_LABEL}"] == "30.00"
+    assert cd["feature map: measured"] == "—" and f"feature map: {DEMO_LABEL}" not in header
+    student = dict(zip(header, _row(text, "Student")))
+    assert student["feature map: measured"] == "69.00" and student["logits map: measured"] == "—"
+    assert "11.00" not in text and "Measured results found: 3 full-scale, 1 demo-scale" in text
+    table3 = _header(text, "False_False_False_channel_kl_3_5_v1 (logits, λ=3, τ=5)")
+    assert not any(DEMO_LABEL in h for h in table3)
+
+
+def render_all_results(root):
+    from common.tables.render import load_results
+
+    return load_results([root])
+
+
+def test_render_skips_unreadable_results(tmp_path, capsys):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "results.json").write_text("{not json")
+    _write(tmp_path, "ok", miou=0.5, extra={"level": "logits"})
+    text = render_all(["cwd"], [tmp_path], complexity=False)
+    assert "50.00" in text and "skipping" in capsys.readouterr().err
+
+
+def test_cli_prints_tables_and_rejects_missing_dir(tmp_path, capsys, monkeypatch):
+    _write(tmp_path, "run", miou=0.7, extra={"level": "logits"})
+    out_file = tmp_path / "tables.md"
+    main(["--results-dir", str(tmp_path), "--paper", "cwd", "--no-complexity", "--output", str(out_file)])
+    out = capsys.readouterr().out
+    assert "## CWD" in out and "## IFVD" not in out and "70.00" in out and out_file.read_text() == out
+    with pytest.raises(SystemExit) as exc:
+        main(["--results-dir", str(tmp_path / "missing"), "--no-complexity"])
+    assert exc.value.code == 2 and "does not exist" in capsys.readouterr().err
+    monkeypatch.setenv("SEGKD_RESULTS", f"{tmp_path}:/elsewhere")
+    assert default_roots()[-2:] == [tmp_path, Path("/elsewhere")]
+
+
+# ---------------------------------------------------------------- Params / FLOPs vs the specs
+def _complexity_entries():
+    seen = {}
+    for paper in PAPERS:
+        for entry in load_reported(paper).get("complexity", []):
+            key = (entry["model"], entry["num_classes"], tuple(entry["input_size"]))
+            seen.setdefault(key, (paper, entry))
+    return list(seen.values())
+
+
+@pytest.mark.parametrize("paper,entry", _complexity_entries(),
+                         ids=[f"{p}-{e['model']}-{e['num_classes']}" for p, e in _complexity_entries()])
+def test_params_and_flops_match_spec(paper, entry):
+    args = (entry["model"], entry["num_classes"], tuple(entry["input_size"]))
+    cx = model_complexity(*args)
+    if cx is None:
+        pytest.skip(f"model not registered: {entry['model']}")
+    if entry.get("params"):
+        assert cx.params == entry["params"]
+    else:
+        assert abs(cx.params / 1e6 - entry["params_m"]) <= 0.0005 + 1e-9, (cx.params, entry["params_m"])
+    if entry.get("gflops") is not None:
+        paper_cx = model_complexity(*args, convention=entry.get("flops_convention", "torch"))
+        assert abs(paper_cx.gmacs - entry["gflops"]) <= 0.05 + 1e-9, (paper_cx.gmacs, entry["gflops"])
+
+
+def test_flop_conventions_on_a_dilated_conv():
+    conv = nn.Conv2d(8, 16, 3, padding=4, dilation=4, groups=2).to("meta")
+    x = torch.zeros(1, 8, 32, 32, device="meta")
+    counts = {}
+    for convention in ("torch", "cirkd"):
+        with FlopCounterMode(display=False, custom_mapping=_mapping(convention)) as counter:
+            conv(x)
+        counts[convention] = counter.get_total_flops()
+    assert counts["torch"] == 2 * 4 * 16 * 9 * 32 * 32  # true output 32×32
+    assert counts["cirkd"] == 2 * 4 * 16 * 9 * 38 * 38  # CIRKD: (32 + 8 − 3)//1 + 1 = 38, dilation ignored
+    with pytest.raises(ValueError):
+        _mapping("fvcore")
+
+
+def test_model_complexity_unknown_model_is_none():
+    assert model_complexity("no_such_model") is None
+
+
+def test_pspnet_flops_are_counted_by_flopcountermode():
+    cx = model_complexity("pspnet_resnet18", 19, (1024, 2048))
+    if cx is None:
+        pytest.skip("model not registered: pspnet_resnet18")
+    assert cx.device == "meta" and cx.flops > 0 and cx.gmacs == pytest.approx(cx.flops / 2e9)
+    small = model_complexity("pspnet_resnet18", 19, (512, 1024))
+    assert small.params == cx.params and small.flops < cx.flops
