@@ -39,5 +39,5 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf build common/abn/_ext* common/abn/build_tmp .pytest_cache .ruff_cache demo_data runs outputs
+	rm -rf build common/abn/_ext .pytest_cache .ruff_cache demo_data runs outputs
 	find . -name __pycache__ -prune -exec rm -rf {} +

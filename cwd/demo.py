@@ -66,9 +66,8 @@ def main(argv=None):
     data = (REPO / DEMO_DATA_DIR).resolve()
     runs = REPO / "demo_runs"
     teacher = (REPO / DEMO_TEACHER).resolve()
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": os.pathsep.join(
+    env = {**os.environ, "SEGKD_DEMO": "1", "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": os.pathsep.join(
         p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
-    env.pop("SEGKD_DEMO", None)
 
     if args.force or not (data / "lists" / "train.lst").is_file():
         from common.datasets.synthetic import make_cityscapes
@@ -92,15 +91,14 @@ def main(argv=None):
     cwd_dir = runs / "cwd"
     shutil.rmtree(cwd_dir / "ckpt" / RUN_NAME, ignore_errors=True)
     cwd_dir.mkdir(parents=True, exist_ok=True)
-    demo_env = {**env, "SEGKD_DEMO": "1", "CITYSCAPES": str(data), "SEGKD_DEMO_TEACHER": str(teacher),
-                "PYTHON": sys.executable}
+    demo_env = {**env, "CITYSCAPES": str(data), "SEGKD_DEMO_TEACHER": str(teacher), "PYTHON": sys.executable}
     run(["bash", REPO / "cwd" / "exp_cwd.sh", *COMMAND, "--device", args.device], demo_env, cwd_dir,
         f"bash cwd/exp_cwd.sh {' '.join(COMMAND)} (demo preset, {DEMO_STEPS} steps)")
 
     print("\n=== CWD table (reported = paper; demo-scale = this demo, synthetic data, NOT a reproduction) ===",
           flush=True)
     subprocess.run([sys.executable, "-m", "common.tables", "--paper", "cwd", "--results-dir", str(runs)],
-                   env={**env, "SEGKD_DEMO": "1"}, cwd=REPO, check=True)
+                   env=env, cwd=REPO, check=True)
     print("\nDemo-scale val mIoU on the synthetic images (not comparable with the paper's Cityscapes numbers):")
     for label, path in (("teacher PSPNet-R101", runs / "teacher"), ("student, no distillation", runs / "baseline"),
                         ("student, CWD (channel kl 3 4)", cwd_dir / "ckpt" / RUN_NAME)):

@@ -35,6 +35,7 @@ from common.engine import (
     seed_everything,
     worker_init_fn,
 )
+from common.engine.dist import destroy
 from common.engine.distill import DistillStep, DistillTerm, build_d_optimizer, build_g_optimizer
 from common.errors import UserError, main_guard
 from common.evaluation import evaluate_main, write_results_json
@@ -252,6 +253,7 @@ def main(argv=None):
              PeriodicCheckpoint(save_and_evaluate, every=args.save_ckpt_every, start=args.save_ckpt_start, final=True)]
     Trainer(step, iter(loader), args.num_steps, start_step=start_step, hooks=hooks).train()
     logger.close()
+    destroy()
 
 
 if __name__ == "__main__":

@@ -115,9 +115,16 @@ def eval_parser(kind):
     p.add_argument("--restore-from", type=str, default="", help="student state_dict, e.g. ckpt/exp/city_39999_G.pth")
     p.add_argument("--gpu", type=str, default="None", help="written to CUDA_VISIBLE_DEVICES when given")
     _runtime(p)
+    p.add_argument("--model", default=STUDENT, choices=(STUDENT, "pspnet_resnet101"),
+                   help="added: the network of --restore-from (pspnet_resnet101 evaluates a teacher)")
     if kind == "val":
         p.add_argument("--results", type=str, default=None,
                        help="added: results.json path (default: next to --restore-from)")
+        p.add_argument("--method", type=str, default=None,
+                       help="added: results.json method (default: teacher for pspnet_resnet101, else ifvd)")
+        p.add_argument("--checkpoint-tag", type=str, default=None,
+                       help="added: results.json extra.checkpoint (default: the file stem; 'released' for the "
+                            "released weights, as make tables expects)")
     return p
 
 

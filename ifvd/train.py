@@ -150,8 +150,9 @@ def average_gradients(optimizer):
 
 
 def method_name(args):
+    """``results.json`` method: "ifvd" for the full objective, "baseline" for none, else e.g. "kd_ifv"."""
     parts = [name for name, on in (("kd", args.kd), ("ifv", args.ifv), ("adv", args.adv)) if on]
-    return "+".join(parts) or "baseline"
+    return "ifvd" if len(parts) == 3 else "_".join(parts) or "baseline"
 
 
 class OriginalLogLine(HookBase):
@@ -247,8 +248,7 @@ def main(argv=None):
                 atomic_save(disc.state_dict(), f"{prefix}_D.pth")
         save_state(n)
         result = evaluate_main(student, vloader, num_classes=args.num_classes, device=device, whole=True,
-                               output_dir=(args.outputs_dir or None) if info.is_main else None,
-                               progress=info.is_main)
+                               output_dir=args.outputs_dir or None, progress=info.is_main)
         logger.info(f"mean_IU: {result.miou:.6f}  IU_array: {result.iou.tolist()}")
         if info.is_main:
             fields = {**fields0, **result.result_fields(), "iterations": n}

@@ -23,8 +23,8 @@ RESTORE_HINT = "pass --restore-from with a student state_dict such as ckpt/exp/c
 
 
 def load_student(args, device):
-    """``Res_pspnet(BasicBlock, [2,2,2,2])`` with a strict load of ``--restore-from`` (§A.2.3 steps 3-4)."""
-    student = build_model(STUDENT, num_classes=args.num_classes, norm=args.norm)
+    """``Res_pspnet(BasicBlock, [2,2,2,2])`` (or ``--model``) with a strict load of ``--restore-from`` (§A.2.3)."""
+    student = build_model(args.model, num_classes=args.num_classes, norm=args.norm)
     state = load_checkpoint(args.restore_from, "student checkpoint (--restore-from)", RESTORE_HINT)
     load_state_dict_strict(student, state, f"student checkpoint {args.restore_from}")
     return student.to(device)
@@ -43,9 +43,11 @@ def main(argv=None):
                            output_dir=args.outputs_dir or None)
     print(f"mean_IU: {result.miou}  IU_array: {result.iou.tolist()}")
     out = Path(args.results) if args.results else Path(args.restore_from).resolve().parent / "results.json"
-    write_results_json(out, paper="ifvd", method="ifvd", model=STUDENT, dataset="cityscapes", split="val",
+    method = args.method or ("teacher" if args.model != STUDENT else "ifvd")
+    tag = args.checkpoint_tag or Path(args.restore_from).stem
+    write_results_json(out, paper="ifvd", method=method, model=args.model, dataset="cityscapes", split="val",
                        iterations=None, crop=None, batch=None, seed=None, **result.result_fields(),
-                       extra={"checkpoint": str(args.restore_from), "entry": "ifvd/val.py"})
+                       extra={"checkpoint": tag, "path": str(args.restore_from), "entry": "ifvd/val.py"})
     print(f"results written to {out}")
 
 

@@ -113,7 +113,8 @@ def build_parser(description=__doc__):
     # segkd additions (never change the default behaviour).
     add(p, "--device", default=None, help="cpu or cuda (default: cuda if available)")
     add(p, "--num-threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    add(p, "--num-workers", type=int, default=1, help="DataLoader workers decoding the PNGs")
+    add(p, "--num-workers", type=int, default=2,
+        help="DataLoader workers; on CPU, >= 2 also run the model (one image and one thread each)")
     add(p, "--channels-last", type=str2bool, default=True, help="channels-last memory format (speed only)")
     add(p, "--output-dir", default=None, help="where results.json goes (default ./outputs/eval_esp/<ckpt stem>)")
     return p
@@ -172,25 +173,68 @@ def pick_device(name):
     return device
 
 
-def evaluate(model, loader, num_classes, ignore_label, device, store_dir=None, progress=True,
-             channels_last=False):
-    """Run the §6 loop; returns (ConfusionMatrix, number of images, seconds)."""
+class _WorkerPredictions(data.Dataset):
+    """CPU data parallelism: each DataLoader worker (one torch thread, as DataLoader sets) decodes an image, runs
+    the model on it (batch 1) and returns its confusion counts; avoids 2-thread spin-waits on busy machines."""
+
+    def __init__(self, dataset, model, num_classes, ignore_label, keep_pred, fmt):
+        self.dataset, self.model, self.keep_pred, self.fmt = dataset, model, keep_pred, fmt
+        self.num_classes, self.ignore_label = num_classes, ignore_label
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image, label, _, name = self.dataset[index]
+        with torch.inference_mode():
+            x = torch.from_numpy(image)[None].contiguous(memory_format=self.fmt)
+            pred = predict_esp(self.model, x, label.shape)[0]
+        cm = ConfusionMatrix(self.num_classes, self.ignore_label)
+        cm.update(torch.from_numpy(label).to(torch.int64), pred)
+        return cm.matrix, pred.numpy().astype(np.uint8) if self.keep_pred else np.zeros(0, np.uint8), name
+
+
+def evaluate(model, dataset, num_classes, ignore_label, device, store_dir=None, progress=True, channels_last=False,
+             batch_size=1, num_workers=2):
+    """Run the §6 loop over ``dataset``; returns (ConfusionMatrix, number of images, seconds).
+
+    On CPU with ``num_workers >= 2`` the images are spread over the loader workers (:class:`_WorkerPredictions`);
+    otherwise the main process runs the model on batches of ``batch_size`` and the workers only decode.
+    """
     cm = ConfusionMatrix(num_classes, ignore_index=ignore_label)
     count, start = 0, time.perf_counter()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.eval().to(memory_format=fmt)
+
+    def store(preds, names):
+        for p, name in zip(preds, names):
+            save_prediction_png(np.asarray(p, np.uint8), Path(store_dir) / f"{name}.png", PALETTE)
+
+    def report(n):
+        if progress and n // 50 != (n - 1) // 50:
+            print(f"{n} images processed", flush=True)
+
+    if device.type == "cpu" and num_workers >= 2:
+        work = _WorkerPredictions(dataset, model, num_classes, ignore_label, store_dir is not None, fmt)
+        loader = data.DataLoader(work, batch_size=None, shuffle=False, num_workers=num_workers)
+        for matrix, pred, name in loader:
+            cm.matrix += matrix
+            if store_dir is not None:
+                store([pred.numpy()], [name])
+            count += 1
+            report(count)
+        return cm, count, time.perf_counter() - start
+    loader = data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                             pin_memory=device.type == "cuda")
     with torch.inference_mode():
         for image, label, _, names in loader:
             image = image.to(device).contiguous(memory_format=fmt)
             pred = predict_esp(model, image, label.shape[1:]).cpu()
-            label = label.to(torch.int64)
-            cm.update(label, pred)
+            cm.update(label.to(torch.int64), pred)
             if store_dir is not None:
-                for p, name in zip(pred.numpy(), names):
-                    save_prediction_png(p.astype(np.uint8), Path(store_dir) / f"{name}.png", PALETTE)
+                store(pred.numpy(), names)
             count += image.shape[0]
-            if progress and count % 50 == 0:
-                print(f"{count} images processed", flush=True)
+            report(count)
     return cm, count, time.perf_counter() - start
 
 
@@ -205,21 +249,20 @@ def main(argv=None):
         raise UserError(f"--dataset {args.dataset!r} is not available for eval_esp.py; use camvid_light")
     if args.side:
         raise UserError("--side expects 5-item batches of a *_sd dataset, but camvid_light yields 4; drop --side")
-    if args.batch_size < 1 or args.num_classes < 1:
-        raise UserError("--batch-size and --num-classes must be positive integers")
+    if args.batch_size < 1 or args.num_classes < 1 or args.num_workers < 0:
+        raise UserError("--batch-size and --num-classes must be positive and --num-workers non-negative integers")
     data_dir, data_list = resolve_data(args)
     model = build_esp_model(args.method, args.num_classes)
     load_esp_checkpoint(model, args.restore_from, args.method)
     model.to(device)
 
     dataset = DATASETS[args.dataset](data_dir, data_list, crop_size=(360, 480), scale=False, mirror=False)
-    loader = data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
-                             pin_memory=device.type == "cuda")
     store_dir = args.output_path if args.store_output else None
     if store_dir:
         os.makedirs(store_dir, exist_ok=True)
-    cm, count, seconds = evaluate(model, loader, args.num_classes, args.ignore_label, device, store_dir,
-                                  channels_last=args.channels_last)
+    cm, count, seconds = evaluate(model, dataset, args.num_classes, args.ignore_label, device, store_dir,
+                                  channels_last=args.channels_last, batch_size=args.batch_size,
+                                  num_workers=args.num_workers)
 
     iou = cm.iou()
     miou = cm.miou()
@@ -238,7 +281,8 @@ def main(argv=None):
         iterations=None, crop=[360, 480], batch=args.batch_size, seed=None, wall_time_s=seconds,
         images_per_s=count / seconds if seconds > 0 else None,
         peak_mem_mb=torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else None,
-        extra={"checkpoint": str(Path(args.restore_from).resolve()), "conference_method": args.method,
+        extra={"checkpoint": stem, "checkpoint_path": str(Path(args.restore_from).resolve()),
+               "conference_method": args.method,
                "num_images": count, "data_list": data_list},
     )
     path = write_results(out_dir / "results.json", result)

@@ -186,8 +186,9 @@ def is_eval_step(step, num_steps, save_steps):
 
 
 def method_name(args):
+    """``results.json`` method as in the reported tables: "pi", "pi_pa", "pi_pa_ho", ... or "baseline"."""
     parts = [name for name, on in (("pi", args.pi), ("pa", args.pa), ("ho", args.ho)) if on]
-    return "+".join(parts) or "baseline"
+    return "_".join(parts) or "baseline"
 
 
 class OriginalLogLine(HookBase):
@@ -286,8 +287,7 @@ def main(argv=None):
     def evaluate_and_save(n):
         """Evaluation point (§B.2.2 step 7): val mIoU, then ``CS_scenes_<step>_<mIoU>.pth`` (the student only)."""
         result = evaluate_main(student, vloader, num_classes=args.classes_num, device=device, whole=True,
-                               output_dir=(args.outputs_dir or None) if info.is_main else None,
-                               progress=info.is_main)
+                               output_dir=args.outputs_dir or None, progress=info.is_main)
         logger.info(f"[val 512,512] mean_IU:{result.miou!r}  IU_array:{result.iou.tolist()}")
         if info.is_main:
             path = snapshot_dir / f"CS_scenes_{n}_{float(result.miou)!r}.pth"

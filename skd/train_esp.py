@@ -167,9 +167,9 @@ def main(argv=None):
 
     def final_eval():
         eval_set = CamVidLight(args.data_dir, eval_list, crop_size=(360, 480))
-        eval_loader = data.DataLoader(eval_set, batch_size=1, shuffle=False, num_workers=min(args.num_workers, 1))
-        cm, count, seconds = evaluate(student, eval_loader, args.num_classes, 255, device, progress=False,
-                                      channels_last=args.channels_last and device.type == "cpu")
+        cm, count, seconds = evaluate(student, eval_set, args.num_classes, 255, device, progress=False,
+                                      channels_last=args.channels_last and device.type == "cpu",
+                                      num_workers=args.num_workers)
         student.to(memory_format=torch.contiguous_format)
         logger.info(f"final mIoU {100 * cm.miou():.2f} on {count} images of {eval_list}")
         write_results(out_dir / "results.json", make_result(

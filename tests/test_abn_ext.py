@@ -61,7 +61,7 @@ def test_gradcheck_float64(act, param, training, affine):
         rm, rv = (None, None) if training else (torch.randn(c, dtype=torch.float64),
                                                 torch.rand(c, dtype=torch.float64) + 0.5)
 
-        def fn(x, w, b):
+        def fn(x, w, b, rm=rm, rv=rv):
             return inplace_abn(x.clone(), w, b, rm, rv, training, 0.1, 1e-5, act, param)
 
         assert torch.autograd.gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-5)
@@ -317,3 +317,66 @@ def test_models_with_and_without_extension_agree():
     torch.testing.assert_close(ya, b(x), rtol=1e-5, atol=1e-5)
     a.eval(), b.eval()
     torch.testing.assert_close(a(x), b(x), rtol=1e-5, atol=1e-5)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4), (torch.float16, 2e-2),
+                                       (torch.bfloat16, 5e-2)])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("act,param", [("leaky_relu", 0.01), ("elu", 1.0), ("identity", 0.01)])
+def test_cuda_matches_cpu(dtype, tol, channels_last, act, param):
+    torch.manual_seed(10)
+    pdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    x = torch.randn(4, 6, 5, 7, dtype=torch.float64) * 2 + 0.5
+    g = torch.randn_like(x)
+    w, b = signed_weight(6, pdtype), torch.randn(6, dtype=pdtype)
+    results = []
+    for device, xdtype in (("cpu", pdtype), ("cuda", dtype)):
+        xs = x.to(device, xdtype)
+        if channels_last:
+            xs = xs.contiguous(memory_format=torch.channels_last)
+        src = xs.clone().requires_grad_()
+        wd, bd = w.to(device).requires_grad_(), b.to(device).requires_grad_()
+        rm, rv = torch.zeros(6, dtype=pdtype, device=device), torch.ones(6, dtype=pdtype, device=device)
+        y = inplace_abn(src * 1, wd, bd, rm, rv, True, 0.1, 1e-5, act, param)
+        y.backward(g.to(device, xdtype))
+        results.append([t.detach().double().cpu() for t in (y, src.grad, wd.grad, bd.grad, rm, rv)])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * 10)
+
+
+@cuda
+def test_cuda_device_guard_on_second_device():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    x = torch.randn(4, 3, 5, device="cuda:1")
+    y = inplace_abn(x.clone(), torch.ones(3, device="cuda:1"), torch.zeros(3, device="cuda:1"), None, None)
+    torch.testing.assert_close(y.cpu(), inplace_abn(x.cpu(), torch.ones(3), torch.zeros(3), None, None),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_pspnet_with_and_without_extension_give_the_same_outputs():
+    from common.models import build_model
+
+    torch.manual_seed(11)
+    a = build_model("pspnet_resnet18", num_classes=19, norm="abn")
+    b = build_model("pspnet_resnet18", num_classes=19, norm="bn")
+    assert isinstance(a.dsn[1], InPlaceABNSync) and type(b.dsn[1]) is ABN
+    assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+    b.load_state_dict(a.state_dict(), strict=True)
+    x = torch.randn(2, 3, 65, 65)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for training in (True, False):
+            a.train(training), b.train(training)
+            torch.manual_seed(12)
+            out_a = a(x)
+            torch.manual_seed(12)
+            out_b = b(x)
+            for got, want in zip(out_a, out_b):
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for key, value in b.state_dict().items():  # running statistics after the training step
+        torch.testing.assert_close(a.state_dict()[key], value, rtol=1e-4, atol=1e-5)

@@ -1,5 +1,5 @@
 """InPlaceABNSync over torch.distributed (specs/inplace_abn.md §5.4, §6.6): two gloo processes with per-rank
-batches 3 and 5 equal one process on the concatenated batch of 8. Needs `make build-abn`."""
+batches 3 and 5 (and 0 and 8) equal one process on the concatenated batch of 8. Needs `make build-abn`."""
 import datetime
 import socket
 import warnings
@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from common.abn import InPlaceABN, InPlaceABNSync, extension_available, functional
 
-SPLIT = (3, 5)
+SPLITS = ((3, 5), (0, 8))  # unequal per-rank batches; an empty rank must neither hang nor change the result
 C = 4
 
 
@@ -23,7 +23,7 @@ def _require_extension():
 
 def _data():
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(sum(SPLIT), C, 3, 3, generator=g, dtype=torch.float64) * 2 + 1
+    x = torch.randn(8, C, 3, 3, generator=g, dtype=torch.float64) * 2 + 1
     grad = torch.randn(x.shape, generator=g, dtype=torch.float64)
     return x, grad
 
@@ -48,14 +48,15 @@ def _worker(rank, port, out_dir):
                             timeout=datetime.timedelta(seconds=60))
     try:
         x, grad = _data()
-        lo = sum(SPLIT[:rank])
-        sl = slice(lo, lo + SPLIT[rank])
-        module = InPlaceABNSync(C).double()
-        module.load_state_dict(_state(), strict=True)
-        result = _run(module, x[sl], grad[sl])
-        module.eval()
-        result["eval_y"] = module(x[sl].clone()).detach()
-        torch.save(result, f"{out_dir}/rank{rank}.pt")
+        for i, split in enumerate(SPLITS):
+            lo = sum(split[:rank])
+            sl = slice(lo, lo + split[rank])
+            module = InPlaceABNSync(C).double()
+            module.load_state_dict(_state(), strict=True)
+            result = _run(module, x[sl], grad[sl])
+            module.eval()
+            result["eval_y"] = module(x[sl].clone()).detach()
+            torch.save(result, f"{out_dir}/split{i}_rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -74,16 +75,17 @@ def test_two_gloo_ranks_with_unequal_batches_equal_one_process(tmp_path):
     want = _run(single, x, grad)
     single.eval()
     want_eval = single(x.clone()).detach()
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     tol = dict(rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), want["y"], **tol)
-    torch.testing.assert_close(torch.cat([r["dx"] for r in ranks]), want["dx"], **tol)
-    torch.testing.assert_close(ranks[0]["dw"] + ranks[1]["dw"], want["dw"], **tol)
-    torch.testing.assert_close(ranks[0]["db"] + ranks[1]["db"], want["db"], **tol)
-    for r in ranks:
-        torch.testing.assert_close(r["rm"], want["rm"], **tol)
-        torch.testing.assert_close(r["rv"], want["rv"], **tol)
-    torch.testing.assert_close(torch.cat([r["eval_y"] for r in ranks]), want_eval, **tol)
+    for i in range(len(SPLITS)):
+        ranks = [torch.load(tmp_path / f"split{i}_rank{r}.pt", weights_only=True) for r in range(2)]
+        torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), want["y"], **tol)
+        torch.testing.assert_close(torch.cat([r["dx"] for r in ranks]), want["dx"], **tol)
+        torch.testing.assert_close(ranks[0]["dw"] + ranks[1]["dw"], want["dw"], **tol)
+        torch.testing.assert_close(ranks[0]["db"] + ranks[1]["db"], want["db"], **tol)
+        for r in ranks:
+            torch.testing.assert_close(r["rm"], want["rm"], **tol)
+            torch.testing.assert_close(r["rv"], want["rv"], **tol)
+        torch.testing.assert_close(torch.cat([r["eval_y"] for r in ranks]), want_eval, **tol)
 
 
 def test_without_process_group_warns_once_and_runs_locally(monkeypatch):

@@ -155,7 +155,7 @@ def test_readme_command_trains_evaluates_and_val_test_run(synthetic_cityscapes, 
     assert (run / "city_1_G.pth").is_file() and not (run / "city_1_D.pth").exists()
     result = json.loads((run / "results.json").read_text())
     assert (result["paper"], result["method"], result["iterations"], result["crop"], result["batch"]) == (
-        "ifvd", "kd+ifv", 2, [64, 64], 2)
+        "ifvd", "kd_ifv", 2, [64, 64], 2)
     assert 0.0 <= result["miou"] <= 1.0 and len(result["iou"]) == 19
     log = (run / "log.txt").read_text()
     assert "step:    0 G_lr:0.010000" in log and "mean_IU:" in log and "ifv:" in log
@@ -169,6 +169,7 @@ def test_readme_command_trains_evaluates_and_val_test_run(synthetic_cityscapes, 
                    "--results", str(tmp_path / "val" / "results.json")])
     val = json.loads((tmp_path / "val" / "results.json").read_text())
     assert val["miou"] == pytest.approx(result["miou"]) and val["split"] == "val"
+    assert (val["method"], val["model"], val["extra"]["checkpoint"]) == ("ifvd", "pspnet_resnet18", "city_1_G")
 
     ifvd_test.main(["--data-dir", str(data), "--data-list", str(data / "lists" / "test.lst"), "--restore-from",
                     str(ckpt), "--device", "cpu", "--outputs-dir", str(tmp_path / "test_out")])

@@ -193,3 +193,12 @@ def test_matches_loop_on_module_with_dropout_features():
     torch.testing.assert_close(
         IntraClassFeatureVariation(19)(feat, feat_t, target), ifv_class_loop(feat, feat_t, target, 19)
     )
+
+
+def test_half_precision_inputs_are_computed_in_float32():
+    feat_s, feat_t, target = make_inputs(12, dtype=torch.float32)
+    crit = IntraClassFeatureVariation(19)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = crit(feat_s.bfloat16(), feat_t.bfloat16(), target)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, crit(feat_s.bfloat16().float(), feat_t.bfloat16().float(), target))

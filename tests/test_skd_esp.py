@@ -44,6 +44,20 @@ def test_model_outputs_and_keys():
     assert sd["combine_l2_l3.1.d1.conv.weight"].shape == (3, 2, 3, 3)
     assert sd["level3.7.bn.bn.running_var"].shape == (128,) and "level3.8.c1.conv.weight" not in sd
     assert "classifier_1.conv.weight" in sd and "classifier.conv.weight" in esp_c.state_dict()
+    spec_shapes = {"level1.conv.weight": (16, 3, 3, 3), "level1.act.weight": (16,), "b1.bn.weight": (19,),
+                   "level2_0.c1.conv.weight": (12, 19, 3, 3), "level2_0.d1.conv.weight": (16, 12, 3, 3),
+                   "level2.1.c1.conv.weight": (12, 64, 1, 1), "level2.1.bn.act.weight": (64,), "b2.act.weight": (131,),
+                   "level3_0.c1.conv.weight": (25, 131, 3, 3), "level3_0.d1.conv.weight": (28, 25, 3, 3),
+                   "level3_0.d16.conv.weight": (25, 25, 3, 3), "b3.bn.running_mean": (256,),
+                   "classifier_1.conv.weight": (11, 256, 1, 1), "level3_C.conv.weight": (11, 131, 1, 1),
+                   "br.running_var": (11,), "up_l3.0.weight": (11, 11, 2, 2), "combine_l2_l3.0.act.weight": (22,),
+                   "combine_l2_l3.1.c1.conv.weight": (2, 22, 1, 1), "up_l2.1.bn.weight": (11,),
+                   "classifier.weight": (11, 11, 2, 2), "level1.bn.num_batches_tracked": ()}
+    assert {k: tuple(sd[k].shape) for k in spec_shapes} == spec_shapes
+    sd_c = esp_c.state_dict()
+    assert tuple(sd_c["classifier.conv.weight"].shape) == (11, 256, 1, 1)
+    assert set(sd_c) == (set(sd) - {k for k in sd if k.startswith(("classifier", "level3_C", "br.", "conv.", "up_l",
+                                                                    "combine_l2_l3"))}) | {"classifier.conv.weight"}
     assert esp.br.eps == 1e-3 and esp.level1.bn.eps == 1e-3
     with pytest.raises(ValueError, match="divisible by 8"):
         esp(torch.randn(1, 3, 60, 96))
@@ -102,9 +116,9 @@ def save_random(path, name, num_classes=11, prefix="", seed=0):
     return model.eval()
 
 
-@pytest.mark.parametrize("method,name,prefix", [("student_esp_d", "espnet", "module."),
-                                                ("student_esp_e", "espnet_c", "")])
-def test_eval_esp_synthetic(synthetic_camvid, tmp_path, method, name, prefix):
+@pytest.mark.parametrize("method,name,prefix,workers", [("student_esp_d", "espnet", "module.", "0"),
+                                                        ("student_esp_e", "espnet_c", "", "2")])
+def test_eval_esp_synthetic(synthetic_camvid, tmp_path, method, name, prefix, workers):
     ckpt = tmp_path / "ckpt.pth"
     model = save_random(ckpt, name, prefix=prefix)
     holder = tmp_path / "holder"
@@ -114,7 +128,8 @@ def test_eval_esp_synthetic(synthetic_camvid, tmp_path, method, name, prefix):
     result = eval_esp.main(["--method", method, "--dataset", "camvid_light",
                             "--data_list", str(synthetic_camvid / "test.txt"), "--data_dir", str(holder),
                             "--num_classes", "11", "--restore-from", str(ckpt), "--store-output", "True",
-                            "--output_path", str(pngs), "--output-dir", str(tmp_path / "out"), "--num-workers", "0"])
+                            "--output_path", str(pngs), "--output-dir", str(tmp_path / "out"),
+                            "--num-workers", workers])
     cm = np.zeros((11, 11))
     with torch.no_grad():
         for img_path, label_path, stem in read_camvid_list(synthetic_camvid, synthetic_camvid / "test.txt"):
@@ -187,3 +202,53 @@ def test_released_checkpoints_reproduce(real_camvid, skd_checkpoints, tmp_path):
     for fname, expected in RELEASED.items():
         assert measured[fname] == pytest.approx(expected, abs=0.05), measured
         assert measured[fname] == pytest.approx(float(fname.replace("+", "_").split("_")[-1][:-4]), abs=0.05)
+
+
+def train_args(root, out, teacher, steps=2, extra=()):
+    return ["--method", "student_esp_e", "--data_dir", str(root), "--sd_mode", "light_label_kd_sd",
+            "--teacher_model", "student_esp_e", "--teacher-path", str(teacher), "--num-steps", str(steps),
+            "--batch-size", "2", "--input-size", "120,160", "--random-mirror", "--random-scale",
+            "--snapshot-dir", str(out), "--num-workers", "0", "--num-threads", "1", *extra]
+
+
+def test_train_esp_runs_and_resumes(synthetic_camvid, tmp_path, monkeypatch):
+    from common.engine import checkpoint
+    from skd import train_esp
+
+    teacher = tmp_path / "teacher.pth"
+    save_random(teacher, "espnet_c", seed=1)
+    real_save = checkpoint.save_training_state
+
+    def save_and_keep(path, *, step, **kw):
+        real_save(path, step=step, **kw)
+        real_save(Path(path).with_name(f"state_{step}.pth"), step=step, **kw)
+
+    monkeypatch.setattr(train_esp, "save_training_state", save_and_keep)
+    full = train_esp.main(train_args(synthetic_camvid, tmp_path / "full", teacher, extra=["--save-every", "1"]))
+    logged = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [0, 1] and all(r["sd"] >= 0 and r["kd"] >= 0 for r in logged)
+    assert logged[0]["G_lr"] == pytest.approx(1e-2) and logged[1]["G_lr"] == pytest.approx(1e-2 * 0.5 ** 0.9)
+    result = json.loads((full / "results.json").read_text())
+    assert result["paper"] == "skd" and result["model"] == "espnet_c" and result["extra"]["reconstruction"]
+    resumed = train_esp.main(train_args(synthetic_camvid, tmp_path / "resumed", teacher,
+                                        extra=["--resume", str(full / "state_1.pth")]))
+    a = torch.load(full / "student_esp_e_2.pth", weights_only=True)
+    b = torch.load(resumed / "student_esp_e_2.pth", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(UserError, match="resume"):
+        train_esp.main(train_args(synthetic_camvid, tmp_path / "bad", teacher, steps=3,
+                                  extra=["--resume", str(full / "state_1.pth")]))
+
+
+def test_train_esp_bad_inputs(synthetic_camvid, tmp_path):
+    from skd import train_esp
+
+    base = ["--data-dir", str(synthetic_camvid), "--num-steps", "1", "--snapshot-dir", str(tmp_path)]
+    with pytest.raises(UserError, match="--teacher-path"):
+        train_esp.main(base + ["--sd_mode", "kd", "--teacher_model", "student_esp_e"])
+    with pytest.raises(UserError, match="teacher_model"):
+        train_esp.main(base + ["--sd_mode", "kd"])
+    with pytest.raises(UserError, match="multiples of 8"):
+        train_esp.main(base + ["--input-size", "100,150"])
+    with pytest.raises(UserError, match="enables no loss"):
+        train_esp.main(base + ["--sd_mode", "light"])

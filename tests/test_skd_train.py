@@ -189,7 +189,7 @@ def test_scripts_train_evaluate_and_predict(synthetic_cityscapes, weights, tmp_p
     snaps = list((tmp_path / "snap").glob("CS_scenes_2_*.pth"))
     assert len(snaps) == 1, sorted(p.name for p in (tmp_path / "snap").iterdir())
     result = json.loads((tmp_path / "snap" / "results.json").read_text())
-    assert (result["paper"], result["method"], result["iterations"]) == ("skd", "pi+pa", 2)
+    assert (result["paper"], result["method"], result["iterations"]) == ("skd", "pi_pa", 2)
     assert snaps[0].name == f"CS_scenes_2_{result['miou']!r}.pth"
     log = (tmp_path / "log" / "log.txt").read_text()
     assert "step:1 G_lr:0.006943" in log and "step:3 G_lr:0.000000" in log and "[val 512,512] mean_IU:" in log
@@ -262,3 +262,28 @@ def test_test_script_bad_inputs(synthetic_cityscapes, tmp_path, capsys):
     proc = subprocess.run(["bash", str(REPO / "skd" / "run_test.sh"), "--device", "cpu"], cwd=tmp_path,
                           env={**script_env(), "CITYSCAPES": str(data)}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------ §B.10 invariants not covered elsewhere
+def test_pair_wise_invariant_to_node_scaling_and_orthogonal_channel_maps_after_pooling():
+    """On a 2x2 map with pool scale 0.5 the pooling patch is 1x1 (the identity), so transforms of the nodes
+    are transforms "after pooling" (§B.10): positive per-node scaling and orthogonal channel maps keep L_pa."""
+    g = torch.Generator().manual_seed(5)
+    fs, ft = torch.randn(3, 6, 2, 2, generator=g), torch.randn(3, 9, 2, 2, generator=g)
+    pa = PairWise(0.5)
+    base = pa(fs, ft)
+    scale = torch.rand(3, 1, 2, 2, generator=g) * 5 + 0.1
+    torch.testing.assert_close(pa(fs * scale, ft), base, rtol=1e-5, atol=1e-7)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g))
+    torch.testing.assert_close(pa(torch.einsum("dc,bchw->bdhw", q, fs), ft), base, rtol=1e-5, atol=1e-6)
+    assert base.item() > 0
+
+
+def test_dsn_task_loss_weights_and_ignore():
+    g = torch.Generator().manual_seed(6)
+    z, aux = torch.randn(2, 19, 9, 9, generator=g), torch.randn(2, 19, 9, 9, generator=g)
+    y = torch.randint(0, 19, (2, 65, 65), generator=g)
+    y[:, :20] = 255
+    up = lambda t: F.interpolate(t, size=(65, 65), mode="bilinear", align_corners=True)  # noqa: E731
+    expected = F.cross_entropy(up(z), y, ignore_index=255) + 0.4 * F.cross_entropy(up(aux), y, ignore_index=255)
+    torch.testing.assert_close(CriterionDSN()((z, aux), y), expected)

@@ -44,7 +44,7 @@ def _import(name):
     return module, None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load():
     """(module or None, reason why it is missing)."""
     reasons = []

@@ -4,8 +4,10 @@ Compiles csrc/ with torch.utils.cpp_extension + ninja into common/abn/_ext/: ``_
 ``_C_cuda`` (CPU + CUDA kernels) when torch is a CUDA build and nvcc is found. A fingerprint of the sources,
 torch version and flags is stored next to each library; an unchanged fingerprint skips the module in seconds.
 Environment: ``CUDA_HOME`` (toolkit), ``TORCH_CUDA_ARCH_LIST`` (default "8.0;9.0"), ``MAX_JOBS``,
-``ABN_WITH_CUDA=0`` (skip CUDA), ``ABN_CPU_ARCH=native-avx2|generic`` (default: avx2 if this CPU has it).
+``ABN_WITH_CUDA=0`` (skip CUDA), ``ABN_CPU_ARCH=native-avx2|generic`` (default: avx2 if this CPU has it),
+``ABN_VERBOSE=1`` (show the compiler commands). ``--force`` rebuilds from scratch.
 """
+import argparse
 import json
 import os
 import pathlib
@@ -44,8 +46,8 @@ def _cuda_reason_skipped():
     if not torch.backends.cuda.is_built():
         return f"torch {torch.__version__} is a CPU-only build"
     if _cuda_home() is None:
-        where = f"CUDA_HOME={os.environ['CUDA_HOME']} has no bin/nvcc or include/cuda_runtime.h" if os.environ.get("CUDA_HOME") \
-            else "nvcc not found"
+        home = os.environ.get("CUDA_HOME")
+        where = f"CUDA_HOME={home} has no bin/nvcc or include/cuda_runtime.h" if home else "nvcc not found"
         return f"{where} (set CUDA_HOME to the CUDA toolkit, e.g. CUDA_HOME=/usr/local/cuda)"
     return None
 
@@ -74,7 +76,7 @@ def _nvidia_wheel_includes():
     return found
 
 
-def _build_one(name, cflags, cuda_cflags, includes, describe):
+def _build_one(name, cflags, cuda_cflags, includes, describe, force=False):
     """Build ``name`` unless its fingerprint is unchanged; returns (status, seconds)."""
     key = {
         **_paths.runtime_key(),
@@ -86,9 +88,11 @@ def _build_one(name, cflags, cuda_cflags, includes, describe):
         "describe": describe,
     }
     lib = _paths.library_path(name)
-    if lib.exists() and _paths.read_stamp(name) == key:
+    if not force and lib.exists() and _paths.read_stamp(name) == key:
         return "up to date", 0.0
     build_dir = _paths.BUILD_DIR / name
+    if force:
+        shutil.rmtree(build_dir, ignore_errors=True)
     build_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     try:
@@ -121,12 +125,15 @@ def _compile(name, cflags, cuda_cflags, includes, build_dir):
 
 
 @main_guard
-def main():
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Build the InPlace-ABN extension into common/abn/_ext.")
+    parser.add_argument("--force", action="store_true", help="rebuild even if the fingerprint is unchanged")
+    args = parser.parse_args(argv)
     if not _paths.CSRC_DIR.is_dir():
         raise UserError(f"the InPlace-ABN sources {_paths.CSRC_DIR} are missing; run from a full checkout")
     _paths.EXT_DIR.mkdir(parents=True, exist_ok=True)
     cflags, cpu_arch = _cpu_flags()
-    status, secs = _build_one("_C_cpu", cflags, [], [], f"cpu:{cpu_arch}")
+    status, secs = _build_one("_C_cpu", cflags, [], [], f"cpu:{cpu_arch}", args.force)
     print(f"build-abn: CPU part ({cpu_arch}) {status}" + (f" in {secs:.0f} s" if secs else ""), flush=True)
 
     reason = _cuda_reason_skipped()
@@ -138,7 +145,7 @@ def main():
     arch = os.environ["TORCH_CUDA_ARCH_LIST"]
     cuda_flags = ["-O3", "-DWITH_CUDA"]
     status, secs = _build_one("_C_cuda", cflags + ["-DWITH_CUDA"], cuda_flags, _nvidia_wheel_includes(),
-                              f"cuda:{cpu_arch}:{os.environ['CUDA_HOME']}")
+                              f"cuda:{cpu_arch}:{os.environ['CUDA_HOME']}", args.force)
     print(f"build-abn: CUDA part (archs {arch}, CUDA_HOME={os.environ['CUDA_HOME']}) {status}"
           + (f" in {secs:.0f} s" if secs else ""), flush=True)
 

@@ -38,10 +38,14 @@ def _ignore_devices(devices):
         _warned_devices = True
 
 
+# The old default activation: one instance shared by every ABN built without an explicit activation.
+_DEFAULT_ACTIVATION = nn.ReLU(inplace=True)
+
+
 class ABN(nn.Sequential):
     """Old ``ABN``: ``Sequential(bn=BatchNorm2d(num_features, **kwargs), act=activation)`` (standard BN)."""
 
-    def __init__(self, num_features, activation=nn.ReLU(inplace=True), **kwargs):
+    def __init__(self, num_features, activation=_DEFAULT_ACTIVATION, **kwargs):
         super().__init__(OrderedDict([("bn", nn.BatchNorm2d(num_features, **kwargs)), ("act", activation)]))
 
 

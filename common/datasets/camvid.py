@@ -94,11 +94,9 @@ class CamVidLight(data.Dataset):
     label ``ignore_label``) and crop at a random offset.
     """
 
-    def __init__(self, root, list_path, max_iters=None, crop_size=(360, 480), mean=None, scale=False,
-                 mirror=False, ignore_label=255, void_to_ignore=False):
+    def __init__(self, root, list_path, crop_size=(360, 480), mean=None, scale=False, mirror=False,
+                 ignore_label=255, void_to_ignore=False):
         self.items = read_camvid_list(root, list_path)
-        if max_iters:
-            self.items = self.items * int(np.ceil(float(max_iters) / len(self.items)))
         self.crop_h, self.crop_w = crop_size
         self.mean = mean
         self.scale = scale

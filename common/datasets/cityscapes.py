@@ -21,6 +21,7 @@ import numpy as np
 from torch.utils import data
 
 from common.errors import UserError, main_guard
+from common.io import atomic_open
 
 IMG_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
 NUM_CLASSES = 19
@@ -276,9 +277,8 @@ def write_lists(root, out=None, label_suffix="_gtFine_labelIds.png", check_count
     paths = {}
     for split, split_lines in lines.items():
         path = out / f"{split}.lst"
-        tmp = path.with_suffix(".lst.tmp")
-        tmp.write_text("".join(line + "\n" for line in split_lines))
-        os.replace(tmp, path)
+        with atomic_open(path, "w") as f:
+            f.write("".join(line + "\n" for line in split_lines))
         paths[split] = str(path)
     if check_counts:
         for split, expected in SPLIT_SIZES.items():

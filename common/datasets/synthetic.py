@@ -11,7 +11,6 @@ CLI: ``python -m common.datasets.synthetic cityscapes OUT --train 20 --val 5 --t
 and ``python -m common.datasets.synthetic camvid OUT --train 20 --val 5 --test 5 --size 360x480``.
 """
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 
 from common.datasets.cityscapes import ID_TO_TRAINID, write_lists
 from common.errors import UserError, main_guard
+from common.io import atomic_open
 
 # Cityscapes labelIds used by the generator, and their RGB colours (Cityscapes palette).
 ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, LIGHT, SIGN = 7, 8, 11, 12, 13, 17, 19, 20
@@ -289,9 +289,8 @@ def make_camvid(root, splits=None, size=(360, 480), seed=0):
             _write_png(root / f"{split}annot" / name, CAMVID_FROM_ID[label])
             lines.append(f"/SegNet/CamVid/{split}/{name} /SegNet/CamVid/{split}annot/{name}\n")
         path = root / f"{split}.txt"
-        tmp = root / f".{split}.txt.tmp"
-        tmp.write_text("".join(lines))
-        os.replace(tmp, path)
+        with atomic_open(path, "w") as f:
+            f.write("".join(lines))
         paths[split] = str(path)
     return paths
 

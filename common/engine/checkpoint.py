@@ -6,41 +6,22 @@ so that it loads with ``torch.load(..., weights_only=True)``. Every write goes t
 in the same directory and is renamed over the target, so a crash mid-save leaves the previous
 file intact.
 """
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from common.errors import UserError
+from common.io import atomic_open
 
 FORMAT = "segkd-training-state-v1"
 
 
 def atomic_save(obj, path):
     """``torch.save(obj, path)`` through a temporary file and ``os.replace`` (never a partial file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def _unwrap(model):

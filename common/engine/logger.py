@@ -7,11 +7,12 @@ or after the resumed step are dropped, so the file reads like one uninterrupted 
 """
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 from tqdm import tqdm
+
+from common.io import atomic_open
 
 
 class _TqdmHandler(logging.StreamHandler):
@@ -75,10 +76,8 @@ class RunLogger:
                         continue
                     if record.get("step", start_step) < start_step:
                         kept.append(line if line.endswith("\n") else line + "\n")
-        tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
-        with open(tmp, "w") as f:
+        with atomic_open(self.metrics_path, "w") as f:
             f.writelines(kept)
-        os.replace(tmp, self.metrics_path)
 
     def info(self, msg):
         self.logger.info(msg)

@@ -1,13 +1,13 @@
 """Prediction palettes and PNG writing (ifvd_skd.md §C.6 "Saving", skd_cvpr19.md §6.4, cirkd.md §1.5-1.6)."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from common.io import atomic_open
 
 # The 19 Cityscapes trainId colours (road, sidewalk, ..., bicycle), as used by the SKD CVPR'19 CamVid eval
 # (skd_cvpr19.md §6.4: CamVid class k is drawn in Cityscapes colour k) and by CIRKD's --save-pred for Cityscapes.
@@ -64,14 +64,6 @@ def save_prediction_png(pred, path, palette: list[int] | None = None) -> Path:
         img = img.convert("P")
         img.putpalette(palette)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            img.save(fh, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as fh:
+        img.save(fh, format="PNG")
     return path

@@ -32,12 +32,18 @@ def class_center_map(feat, labels, num_classes):
     return torch.where(valid.unsqueeze(1), protos.gather(2, index_c), flat).view_as(feat)
 
 
+def _full_precision(x):
+    """Half-precision (AMP) features in float32: prototypes are sums over up to h·w pixels."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 class IntraClassFeatureVariation(nn.Module):
     """``L_ifv = MSE(cos(f_S, center_S), cos(f_T, center_T))`` over all B·h·w pixels (§A.4.3).
 
     Faithful details: per-image, non-detached prototypes; ignored pixels keep their own feature (cosine 1
     for both maps) and still count in the mean; ``nn.CosineSimilarity(dim=1, eps=1e-8)``. The teacher map
     is detached explicitly (the original's ``feat_T.detach()`` was a no-op under ``no_grad``, §A.9 item 4).
+    Half-precision (AMP) inputs are computed in float32.
     """
 
     def __init__(self, num_classes=19, ignore_index=255):
@@ -61,6 +67,7 @@ class IntraClassFeatureVariation(nn.Module):
             )
         if target.dim() != 3 or target.shape[0] != feat_s.shape[0]:
             raise ValueError(f"IFV expects B×H×W labels for batch {feat_s.shape[0]}, got {tuple(target.shape)}")
+        feat_s, feat_t = _full_precision(feat_s), _full_precision(feat_t)
         labels = downsample_labels(target, feat_s.shape[2:])
         labels = torch.where(labels == self.ignore_index, torch.full_like(labels, -1), labels)
         sim_s = self.pixel_cosine(feat_s, labels)

@@ -10,9 +10,10 @@ import math
 import numbers
 import os
 import subprocess
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+
+from common.io import atomic_open
 
 SCHEMA_VERSION = 1
 PAPERS = ("skd", "ifvd", "cwd", "cirkd", "aicsd")
@@ -106,17 +107,9 @@ def write_results(path, result: dict) -> Path:
     path = Path(path)
     if path.is_dir():
         path = path / RESULTS_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(result, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "w") as fh:
+        json.dump(result, fh, indent=2, sort_keys=True)
+        fh.write("\n")
     return path
 
 
