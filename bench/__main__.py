@@ -8,7 +8,8 @@ MODULES = ("abn", "cwd", "ifvd", "skd_train", "skd_esp")
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run: {', '.join(MODULES)} (default: all)")
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"benchmarks to run: {', '.join(MODULES)} (default: all)")
     names = parser.parse_args().names or MODULES
     unknown = sorted(set(names) - set(MODULES))
     if unknown:

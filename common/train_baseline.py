@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Subset
 
 from common.engine import (
     FinalEval,
@@ -29,34 +28,22 @@ from common.engine import (
     LRSchedule,
     PeriodicCheckpoint,
     PolySpec,
-    ResumableSampler,
     RunLogger,
-    SeededDataset,
     Trainer,
     atomic_save,
     barrier,
     init_distributed,
     load_training_state,
-    loader_generator,
     make_sgd,
+    psp_kd,
     save_training_state,
     seed_everything,
-    worker_init_fn,
 )
 from common.engine.dist import destroy
+from common.engine.options import add_runtime_flags, size_pair
 from common.errors import UserError, main_guard
 
 STATE_NAME = "training_state.pth"
-
-
-def _pair(text):
-    try:
-        h, w = (int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'H,W' (two integers), got {text!r}") from None
-    if h <= 0 or w <= 0:
-        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
-    return h, w
 
 
 def get_parser():
@@ -64,13 +51,12 @@ def get_parser():
                                 formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="pspnet_resnet101", help="registered model name (common.models)")
     p.add_argument("--num-classes", type=int, default=19)
-    p.add_argument("--norm", default="auto", choices=["auto", "abn", "bn"], help="InPlace-ABN backend")
     p.add_argument("--restore-from", default=None, help="ImageNet backbone weights (e.g. resnet101-imagenet.pth)")
     p.add_argument("--data-dir", default=os.environ.get("CITYSCAPES"), help="Cityscapes root (default $CITYSCAPES)")
     p.add_argument("--data-list", default=None, help="train list (default: the shipped train.lst)")
     p.add_argument("--data-listval", default=None, help="val list (default: the shipped val.lst)")
     p.add_argument("--ignore-label", type=int, default=255)
-    p.add_argument("--input-size", type=_pair, default=(769, 769), help="train crop H,W")
+    p.add_argument("--input-size", type=size_pair, default=(769, 769), help="train crop H,W")
     p.add_argument("--batch-size", type=int, default=8, help="total over all processes")
     p.add_argument("--num-steps", type=int, default=40000)
     p.add_argument("--learning-rate", type=float, default=1e-2)
@@ -79,13 +65,10 @@ def get_parser():
     p.add_argument("--power", type=float, default=0.9)
     p.add_argument("--random-scale", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--random-mirror", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-dir", default="snapshots")
     p.add_argument("--save-every", type=int, default=2000, help="write training_state.pth every N steps (0: end only)")
-    p.add_argument("--resume", default=None, help="training_state.pth of an earlier run")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--num-workers", type=int, default=4)
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast for the forward pass (off: fp32)")
+    add_runtime_flags(p, training=True, seed_help="seed of random/numpy/torch", added="",
+                      amp_help="bfloat16 autocast for the forward pass (off: fp32)")
     p.add_argument("--log-every", type=int, default=20, help="console line every N steps")
     p.add_argument("--paper", default="ifvd", help="results.json `paper`: the table of the run (ifvd, cwd, skd)")
     p.add_argument("--method", default="baseline", choices=["baseline", "teacher"],
@@ -118,7 +101,6 @@ def _check_args(args):
 def main(argv=None):
     args = get_parser().parse_args(argv)
     _check_args(args)
-    from common.datasets.cityscapes import CSTrainValSet, default_list
     from common.evaluation import evaluate_main, write_results_json
     from common.losses.segmentation import CriterionDSN
     from common.models import build_model
@@ -127,17 +109,9 @@ def main(argv=None):
     seed_everything(args.seed)
     info = init_distributed(args.device)
     device = info.device
-    if args.batch_size % info.world_size:
-        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {info.world_size} processes")
-    batch = args.batch_size // info.world_size
+    batch = psp_kd.rank_batch(args.batch_size, info)
     save_dir = Path(args.save_dir)
-    data_list = args.data_list or default_list("train", args.data_dir)
-    data_listval = args.data_listval or default_list("val", args.data_dir)
-
-    train_set = CSTrainValSet(args.data_dir, data_list, max_iters=args.num_steps * args.batch_size,
-                              crop_size=args.input_size, scale=args.random_scale, mirror=args.random_mirror,
-                              ignore_label=args.ignore_label)
-    val_set = CSTrainValSet(args.data_dir, data_listval, crop_size=None, ignore_label=args.ignore_label)
+    train_set, val_set = psp_kd.train_val_sets(args, ignore_label=args.ignore_label)
     model = build_model(args.model, num_classes=args.num_classes, norm=args.norm,
                         pretrained_backbone=args.restore_from).to(device)
     optimizer = make_sgd(model.parameters(), args.learning_rate, args.momentum, args.weight_decay)
@@ -151,16 +125,12 @@ def main(argv=None):
         start_step, data_position = state["step"], state["data_position"]
         elapsed_before = float(state["extra"].get("elapsed_s", 0.0))
     logger = RunLogger(save_dir, "train_baseline", enabled=info.is_main, start_step=start_step)
-    for key, value in sorted(vars(args).items()):
-        logger.debug(f"{key} : {value}")
+    psp_kd.log_args(logger, args)
     logger.info(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, device {device}, "
                 f"{info.world_size} process(es), batch {batch}/process, steps {start_step}..{args.num_steps}")
 
-    sampler = ResumableSampler(len(train_set), args.seed, start=data_position, rank=info.rank,
-                               world_size=info.world_size)
-    loader = DataLoader(SeededDataset(train_set, args.seed), batch_size=batch, sampler=sampler,
-                        num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=False,
-                        worker_init_fn=worker_init_fn, generator=loader_generator(args.seed))
+    loader = psp_kd.train_loader(train_set, seed=args.seed, batch=batch, start=data_position, info=info,
+                                 num_workers=args.num_workers)
     net = model
     if info.world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -191,9 +161,7 @@ def main(argv=None):
         barrier()
 
     def final_eval():
-        shard = Subset(val_set, range(info.rank, len(val_set), info.world_size))
-        val_loader = DataLoader(shard, batch_size=1, shuffle=False, num_workers=0)
-        result = evaluate_main(model, val_loader, num_classes=args.num_classes, device=device,
+        result = evaluate_main(model, psp_kd.eval_loader(val_set, info), num_classes=args.num_classes, device=device,
                                ignore_label=args.ignore_label, progress=info.is_main)
         logger.info(f"mean_IU: {result.miou:.6f}  IU_array: {[round(float(v), 4) for v in result.iou]}")
         if info.is_main:

@@ -16,7 +16,7 @@ from common.errors import UserError
 
 DEMO_DATA_DIR = "./demo_data/cityscapes"
 DEMO_TEACHER = "./demo_runs/teacher/teacher_city.pth"
-DEMO_STEPS = 120
+DEMO_STEPS = 100
 DEMO_CROP = "96,96"
 DEMO_BATCH = 4
 

@@ -211,7 +211,7 @@ def main(argv=None):
                         generator=loader_generator(args.seed))
     logger.info(f"{len(train_set)} images are loaded!")
     vloader = val_loader(args, info)
-    logger.info(f"{len(vloader.dataset)} images are loaded!")
+    logger.info(f"{len(getattr(vloader.dataset, 'dataset', vloader.dataset))} images are loaded!")
     info_fields = run_info(args, crop)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -7,40 +7,10 @@ behaviour at their defaults. ``--data-list``/``--data-listval`` default to the s
 """
 import argparse
 
-from common.datasets.cityscapes import default_list
+from common.engine.options import add_runtime_flags, size_pair, str2bool
+from common.engine.psp_kd import STUDENT, TEACHER, TEACHERS
 
-STUDENT = "pspnet_resnet18"
-TEACHERS = ("pspnet_resnet101", "pspnet_resnet18")
-
-
-def str2bool(value):
-    """The original ``str2bool``: yes/true/t/y/1 and no/false/f/n/0 in any case."""
-    if isinstance(value, bool):
-        return value
-    if value.lower() in ("yes", "true", "t", "y", "1"):
-        return True
-    if value.lower() in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"boolean value expected (true/false), got {value!r}")
-
-
-def size_pair(text):
-    """``"h,w"`` -> ``(h, w)`` of positive ints (``--input-size``)."""
-    try:
-        h, w = (int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a size must read 'h,w' (e.g. 512,512), got {text!r}") from None
-    if h <= 0 or w <= 0:
-        raise argparse.ArgumentTypeError(f"a size must be positive, got {text!r}")
-    return h, w
-
-
-def _runtime(p):
-    p.add_argument("--device", default="auto", help="added: auto (cuda if available, else cpu), cpu, cuda, cuda:N")
-    p.add_argument("--norm", default="auto", choices=("auto", "abn", "bn"),
-                   help="added: InPlace-ABN backend (auto = compiled extension when built, else pure PyTorch)")
-    p.add_argument("--outputs-dir", type=str, default="./outputs",
-                   help="added: folder of the prediction PNGs (original ./outputs; '' writes none)")
+OUTPUTS_HELP = "folder of the prediction PNGs (original ./outputs; '' writes none)"
 
 
 def train_parser():
@@ -91,16 +61,9 @@ def train_parser():
     p.add_argument("--save-dir", type=str, default="ckpt")
     p.add_argument("--save-ckpt-start", type=int, default=40000)
     p.add_argument("--save-ckpt-every", type=int, default=200)
-    _runtime(p)
-    p.add_argument("--teacher-model", default="pspnet_resnet101", choices=TEACHERS,
-                   help="added: teacher architecture (demo/tests use a small one; the original is pspnet_resnet101)")
-    p.add_argument("--seed", type=int, default=0, help="added: seed of random/numpy/torch (the original: 0)")
-    p.add_argument("--amp", action="store_true", help="added: mixed-precision forwards (losses stay fp32)")
-    p.add_argument("--num-workers", type=int, default=4, help="added: training loader workers (original 4)")
-    p.add_argument("--resume", type=str, default=None,
-                   help="added: continue from a training_state.pth (models, optimizers, step, RNG, data position)")
-    p.add_argument("--state-every", type=int, default=1000,
-                   help="added: write <save-dir>/<save-name>/training_state.pth every N steps (0: at save points only)")
+    add_runtime_flags(p, training=True, outputs=OUTPUTS_HELP, state_file="<save-dir>/<save-name>/training_state.pth")
+    p.add_argument("--teacher-model", default=TEACHER, choices=TEACHERS,
+                   help=f"added: teacher architecture (demo/tests use a small one; the original is {TEACHER})")
     return p
 
 
@@ -114,8 +77,8 @@ def eval_parser(kind):
     p.add_argument("--num_classes", type=int, default=19)
     p.add_argument("--restore-from", type=str, default="", help="student state_dict, e.g. ckpt/exp/city_39999_G.pth")
     p.add_argument("--gpu", type=str, default="None", help="written to CUDA_VISIBLE_DEVICES when given")
-    _runtime(p)
-    p.add_argument("--model", default=STUDENT, choices=(STUDENT, "pspnet_resnet101"),
+    add_runtime_flags(p, outputs=OUTPUTS_HELP)
+    p.add_argument("--model", default=STUDENT, choices=(STUDENT, TEACHER),
                    help="added: the network of --restore-from (pspnet_resnet101 evaluates a teacher)")
     if kind == "val":
         p.add_argument("--results", type=str, default=None,
@@ -127,15 +90,3 @@ def eval_parser(kind):
                             "released weights, as make tables expects)")
     return p
 
-
-def resolve_list(path, split, data_dir):
-    """``path`` if given, else the shipped ``<split>.lst`` (or ``<data_dir>/lists/<split>.lst``)."""
-    return path if path else default_list(split, root=data_dir)
-
-
-def apply_gpu(gpu):
-    """The original ``os.environ['CUDA_VISIBLE_DEVICES'] = args.gpu``, skipped for the default 'None'."""
-    import os
-
-    if gpu not in ("None", ""):
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu

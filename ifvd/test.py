@@ -9,13 +9,11 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from torch.utils.data import DataLoader
-
 from common.datasets.cityscapes import CSTestSet
-from common.engine import resolve_device
+from common.engine import psp_kd, resolve_device
+from common.engine.options import apply_gpu, resolve_list
 from common.errors import UserError, main_guard
-from common.evaluation import evaluate_main
-from ifvd.options import apply_gpu, eval_parser, resolve_list
+from ifvd.options import eval_parser
 from ifvd.val import load_student
 
 
@@ -29,9 +27,8 @@ def main(argv=None):
     device = resolve_device(args.device)
     dataset = CSTestSet(args.data_dir, resolve_list(args.data_list, "test", args.data_dir), crop_size=None)
     student = load_student(args, device)
-    loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=0)
-    result = evaluate_main(student, loader, num_classes=args.num_classes, device=device, whole=True, mode="test",
-                           output_dir=args.outputs_dir)
+    result = psp_kd.evaluate_split(student, dataset, num_classes=args.num_classes, device=device, mode="test",
+                                   outputs_dir=args.outputs_dir)
     print(f"{result.num_images} test predictions (labelIds) written to {args.outputs_dir}")
 
 

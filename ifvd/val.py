@@ -9,25 +9,20 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from torch.utils.data import DataLoader
-
 from common.datasets.cityscapes import CSTrainValSet
-from common.engine import resolve_device
+from common.engine import psp_kd, resolve_device
+from common.engine.options import apply_gpu, resolve_list
 from common.errors import main_guard
-from common.evaluation import evaluate_main, write_results_json
-from common.models import build_model
-from common.models.weights import load_checkpoint, load_state_dict_strict
-from ifvd.options import STUDENT, apply_gpu, eval_parser, resolve_list
+from common.evaluation import write_results_json
+from ifvd.options import eval_parser
 
 RESTORE_HINT = "pass --restore-from with a student state_dict such as ckpt/exp/city_39999_G.pth"
 
 
 def load_student(args, device):
     """``Res_pspnet(BasicBlock, [2,2,2,2])`` (or ``--model``) with a strict load of ``--restore-from`` (§A.2.3)."""
-    student = build_model(args.model, num_classes=args.num_classes, norm=args.norm)
-    state = load_checkpoint(args.restore_from, "student checkpoint (--restore-from)", RESTORE_HINT)
-    load_state_dict_strict(student, state, f"student checkpoint {args.restore_from}")
-    return student.to(device)
+    return psp_kd.load_student(args.model, args.restore_from, "--restore-from", RESTORE_HINT,
+                               num_classes=args.num_classes, norm=args.norm, device=device)
 
 
 @main_guard
@@ -38,12 +33,11 @@ def main(argv=None):
     device = resolve_device(args.device)
     dataset = CSTrainValSet(args.data_dir, resolve_list(args.data_list, "val", args.data_dir), crop_size=None)
     student = load_student(args, device)
-    loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=0)
-    result = evaluate_main(student, loader, num_classes=args.num_classes, device=device, whole=True, mode="val",
-                           output_dir=args.outputs_dir or None)
+    result = psp_kd.evaluate_split(student, dataset, num_classes=args.num_classes, device=device, mode="val",
+                                   outputs_dir=args.outputs_dir)
     print(f"mean_IU: {result.miou}  IU_array: {result.iou.tolist()}")
     out = Path(args.results) if args.results else Path(args.restore_from).resolve().parent / "results.json"
-    method = args.method or ("teacher" if args.model != STUDENT else "ifvd")
+    method = args.method or ("teacher" if args.model != psp_kd.STUDENT else "ifvd")
     tag = args.checkpoint_tag or Path(args.restore_from).stem
     write_results_json(out, paper="ifvd", method=method, model=args.model, dataset="cityscapes", split="val",
                        iterations=None, crop=None, batch=None, seed=None, **result.result_fields(),

@@ -7,41 +7,11 @@ here it defaults to that same list and is honoured when given.
 """
 import argparse
 
-from common.datasets.cityscapes import default_list
+from common.engine.options import add_runtime_flags, size_pair, str2bool
+from common.engine.psp_kd import TEACHER, TEACHERS
 
-STUDENT = "pspnet_resnet18"
-TEACHERS = ("pspnet_resnet101", "pspnet_resnet18")
 SAVE_PATH = "save_path"  # the literal folder name of the original's overrides (§B.2.2 step 1)
-
-
-def str2bool(value):
-    """The original ``str2bool``: yes/true/t/y/1 and no/false/f/n/0 in any case."""
-    if isinstance(value, bool):
-        return value
-    if value.lower() in ("yes", "true", "t", "y", "1"):
-        return True
-    if value.lower() in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"boolean value expected (true/false), got {value!r}")
-
-
-def size_pair(text):
-    """``"h,w"`` -> ``(h, w)`` of positive ints (``--input-size``)."""
-    try:
-        h, w = (int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a size must read 'h,w' (e.g. 512,512), got {text!r}") from None
-    if h <= 0 or w <= 0:
-        raise argparse.ArgumentTypeError(f"a size must be positive, got {text!r}")
-    return h, w
-
-
-def _runtime(p):
-    p.add_argument("--device", default="auto", help="added: auto (cuda if available, else cpu), cpu, cuda, cuda:N")
-    p.add_argument("--norm", default="auto", choices=("auto", "abn", "bn"),
-                   help="added: InPlace-ABN backend (auto = compiled extension when built, else pure PyTorch)")
-    p.add_argument("--outputs-dir", type=str, default="./outputs",
-                   help="added: folder of the prediction PNGs (original ./outputs; '' writes none during training)")
+OUTPUTS_HELP = "folder of the prediction PNGs (original ./outputs; '' writes none during training)"
 
 
 def train_parser():
@@ -97,21 +67,15 @@ def train_parser():
     p.add_argument("--lr-g", type=float, default=1e-2)
     p.add_argument("--lr-d", type=float, default=4e-4)
     p.add_argument("--best-mean-IU", type=float, default=0.0, help="stored and unused, as in the original")
-    _runtime(p)
+    add_runtime_flags(p, training=True, outputs=OUTPUTS_HELP, state_file="<log-dir>/training_state.pth", seed=None,
+                      seed_help="seed everything (the original sets no seed)")
     p.add_argument("--data-listval", type=str, default=None,
                    help="added: val list (the original's hard-coded ./dataset/list/cityscapes/val.lst)")
     p.add_argument("--save-steps", type=int, default=None,
                    help="added: evaluation period near the end (default int(2975 / batch-size) = 371, as the original)")
-    p.add_argument("--teacher-model", default="pspnet_resnet101", choices=TEACHERS,
-                   help="added: teacher architecture (demo/tests use a small one; the original is pspnet_resnet101)")
+    p.add_argument("--teacher-model", default=TEACHER, choices=TEACHERS,
+                   help=f"added: teacher architecture (demo/tests use a small one; the original is {TEACHER})")
     p.add_argument("--log-dir", type=str, default=f"./ckpt/log/{SAVE_PATH}", help="added: log folder (original value)")
-    p.add_argument("--seed", type=int, default=None, help="added: seed everything (the original sets no seed)")
-    p.add_argument("--amp", action="store_true", help="added: mixed-precision forwards (losses stay fp32)")
-    p.add_argument("--num-workers", type=int, default=4, help="added: training loader workers (original 4)")
-    p.add_argument("--resume", type=str, default=None,
-                   help="added: continue from a training_state.pth (models, optimizers, step, RNG, data position)")
-    p.add_argument("--state-every", type=int, default=1000,
-                   help="added: write <log-dir>/training_state.pth every N steps (0: at evaluations only)")
     return p
 
 
@@ -123,10 +87,6 @@ def prediction_parser():
     p.add_argument("--resume-from", type=str, default="", help="student state_dict, e.g. CS_scenes_39326_0.75.pth")
     p.add_argument("--data-list", type=str, default=None,
                    help="added: test list (the original's hard-coded ./dataset/list/cityscapes/test.lst)")
-    _runtime(p)
+    add_runtime_flags(p, outputs=OUTPUTS_HELP)
     return p
 
-
-def resolve_list(path, split, data_dir):
-    """``path`` if given, else the shipped ``<split>.lst`` (or ``<data_dir>/lists/<split>.lst``)."""
-    return path if path else default_list(split, root=data_dir)

@@ -9,15 +9,11 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from torch.utils.data import DataLoader
-
 from common.datasets.cityscapes import CSTestSet
-from common.engine import resolve_device
+from common.engine import psp_kd, resolve_device
+from common.engine.options import resolve_list
 from common.errors import UserError, main_guard
-from common.evaluation import evaluate_main
-from common.models import build_model
-from common.models.weights import load_checkpoint, load_state_dict_strict
-from skd.options import STUDENT, prediction_parser, resolve_list
+from skd.options import prediction_parser
 
 RESTORE_HINT = "pass --resume-from with a student state_dict such as ./ckpt/CS_scenes_39326_0.75.pth"
 
@@ -29,12 +25,10 @@ def main(argv=None):
         raise UserError("--outputs-dir is empty, but test.py only writes predictions; pass a folder")
     device = resolve_device(args.device)
     dataset = CSTestSet(args.data_dir, resolve_list(args.data_list, "test", args.data_dir), crop_size=None)
-    student = build_model(STUDENT, num_classes=19, norm=args.norm)
-    state = load_checkpoint(args.resume_from, "student checkpoint (--resume-from)", RESTORE_HINT)
-    load_state_dict_strict(student, state, f"student checkpoint {args.resume_from}")
-    loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=0)
-    result = evaluate_main(student.to(device), loader, num_classes=19, device=device, whole=True, mode="test",
-                           output_dir=args.outputs_dir)
+    student = psp_kd.load_student(psp_kd.STUDENT, args.resume_from, "--resume-from", RESTORE_HINT, num_classes=19,
+                                  norm=args.norm, device=device)
+    result = psp_kd.evaluate_split(student, dataset, num_classes=19, device=device, mode="test",
+                                   outputs_dir=args.outputs_dir)
     print(f"{result.num_images} test predictions (labelIds) written to {args.outputs_dir}")
 
 

@@ -2,7 +2,6 @@
 on synthetic Cityscapes, resume, and clean failures on bad input."""
 import copy
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,44 +9,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
-from common.losses.adversarial import gradient_penalty
+from common.engine import psp_kd
 from common.losses.ifvd import IntraClassFeatureVariation
 from common.losses.kd import PixelKL
-from common.losses.segmentation import CriterionDSN
 from common.models import Discriminator, build_model
 from ifvd import test as ifvd_test
 from ifvd import train as ifvd_train
 from ifvd import val as ifvd_val
 from ifvd.options import train_parser
+from tests.helpers_psp import (
+    StubSeg,
+    backbone_only,
+    check_d_step,
+    check_g_step,
+    reference_forward,
+    run_main,
+    script_env,
+    stub_batch,
+)
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class StubSeg(nn.Module):
-    """A tiny stand-in for PSPNet: ``[logits, aux, feat]`` at stride 8, no dropout or BN (deterministic)."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.feat = nn.Conv2d(3, channels, 1)
-        self.head = nn.Conv2d(channels, 19, 1)
-        self.aux = nn.Conv2d(channels, 19, 1)
-
-    def forward(self, x):
-        feat = torch.relu(self.feat(F.avg_pool2d(x, 8)))
-        return [self.head(feat), self.aux(feat), feat]
-
-
-def stub_batch(seed=0, side=520):
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(2, 3, side, side, generator=g)
-    labels = torch.randint(0, 19, (2, side // 40, side // 40), generator=g)
-    labels = labels.repeat_interleave(40, 1).repeat_interleave(40, 2)
-    labels[:, :60] = 255
-    return images, labels.float()
 
 
 def test_objective_and_update_order_match_the_original():
@@ -69,36 +52,15 @@ def test_objective_and_update_order_match_the_original():
     torch.manual_seed(123)
     out = step((images, labels), 0)
 
-    y = labels.long()
-    with torch.no_grad():
-        preds_t = teacher(images)
-    preds_s = s_ref(images)
-    mc = CriterionDSN()(preds_s, y)
+    y, preds_s, preds_t, mc = reference_forward(s_ref, teacher, images, labels)
     kd = PixelKL()(preds_s[0], preds_t[0])
     ifv = IntraClassFeatureVariation(19)(preds_s[2], preds_t[2], y)
     adv = -d_ref(preds_s[0])[0].mean()
     total = mc + 10 * kd + 200 * ifv + 0.001 * adv
-    for name, value in (("mc", mc), ("kd", 10 * kd), ("ifv", 200 * ifv), ("adv", 0.001 * adv), ("loss_G", total)):
-        assert out[name] == pytest.approx(value.item(), rel=1e-5, abs=1e-7), name
-    sgd = torch.optim.SGD(s_ref.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    sgd.zero_grad()
-    total.backward()
-    sgd.step()
-    for p, q in zip(student.parameters(), s_ref.parameters()):
-        torch.testing.assert_close(p, q)
-
+    check_g_step(out, (("mc", mc), ("kd", 10 * kd), ("ifv", 200 * ifv), ("adv", 0.001 * adv), ("loss_G", total)),
+                 student, s_ref, total)
     adam = torch.optim.Adam([p for p in d_ref.parameters() if p.requires_grad], lr=4e-4, betas=(0.9, 0.99))
-    adam.zero_grad()
-    real, fake = preds_t[0].detach(), preds_s[0].detach()
-    d_t = d_ref(real)[0]
-    d_s = d_ref(fake)[0]
-    torch.manual_seed(123)
-    d_loss = 0.1 * (d_s.mean() - d_t.mean()) + 0.1 * 10 * gradient_penalty(d_ref, real, fake)
-    assert out["loss_D"] == pytest.approx(d_loss.item(), rel=1e-5, abs=1e-7)
-    d_loss.backward()
-    adam.step()
-    for (name, p), q in zip(disc.named_parameters(), d_ref.parameters()):
-        torch.testing.assert_close(p, q, msg=name)
+    check_d_step(out, disc, d_ref, adam, preds_s, preds_t, seed=123)
 
 
 def test_discriminator_resume_loads_its_state_dict(tmp_path):
@@ -127,8 +89,7 @@ def weights(tmp_path_factory):
     torch.manual_seed(0)
     teacher = build_model("pspnet_resnet18", num_classes=19)
     torch.save(teacher.state_dict(), root / "teacher.pth")
-    backbone = {k: v for k, v in build_model("pspnet_resnet18").state_dict().items()
-                if k.startswith(("conv", "bn", "layer"))}
+    backbone = backbone_only(build_model("pspnet_resnet18").state_dict())
     backbone["fc.weight"] = torch.zeros(1000, 512)
     torch.save(backbone, root / "resnet18-imagenet.pth")
     return root
@@ -148,8 +109,7 @@ def test_readme_command_trains_evaluates_and_val_test_run(synthetic_cityscapes, 
     data = synthetic_cityscapes
     cmd = [sys.executable, "ifvd/train.py", *train_argv(data, weights, tmp_path, "--save-name", "run", "--gpu", "0",
                                                         "--num-steps", "2", "--save-ckpt-start", "2")]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "ckpt" / "run"
     assert (run / "city_1_G.pth").is_file() and not (run / "city_1_D.pth").exists()
@@ -184,7 +144,7 @@ def test_resume_continues_exactly(synthetic_cityscapes, weights, tmp_path, monke
     (dropout, augmentations and sampler order included)."""
     data = synthetic_cityscapes
     saved = []
-    original = ifvd_train.save_training_state
+    original = psp_kd.save_training_state
 
     def keep_copies(path, **kw):
         original(path, **kw)
@@ -192,7 +152,7 @@ def test_resume_continues_exactly(synthetic_cityscapes, weights, tmp_path, monke
         copy_path.write_bytes(Path(path).read_bytes())
         saved.append(kw["step"])
 
-    monkeypatch.setattr(ifvd_train, "save_training_state", keep_copies)
+    monkeypatch.setattr(psp_kd, "save_training_state", keep_copies)
     common = ["--num-steps", "2", "--save-ckpt-start", "2", "--state-every", "1", "--random-mirror", "--random-scale",
               "--is-student-load-imgnet", "False", "--outputs-dir", ""]
     ifvd_train.main(train_argv(data, weights, tmp_path / "a", "--save-name", "a", *common))
@@ -208,13 +168,6 @@ def test_resume_continues_exactly(synthetic_cityscapes, weights, tmp_path, monke
 
 
 # ----------------------------------------------------------------------------------------- bad inputs
-def run_main(fn, argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        fn(argv)
-    assert exc.value.code == 2
-    return capsys.readouterr().err
-
-
 @pytest.mark.parametrize(
     "extra, message",
     [

@@ -4,7 +4,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.losses.ifvd import IntraClassFeatureVariation, class_center_map, downsample_labels
+from common.losses.ifvd import (
+    IntraClassFeatureVariation,
+    class_index,
+    class_prototypes,
+    downsample_labels,
+    pixel_cosine,
+)
 
 
 def ifv_class_loop(preds_s_feat, preds_t_feat, target, num_classes, detach_protos=False):
@@ -87,18 +93,23 @@ def test_teacher_receives_no_gradient():
     assert feat_t.grad is None and feat_s.grad is not None
 
 
-def test_center_map_prototypes_and_ignored_pixels():
-    feat = torch.arange(2 * 3 * 4, dtype=torch.float64).view(1, 2, 3, 4)
+def test_prototypes_and_pixel_cosine_against_an_explicit_center_map():
+    feat = torch.randn(1, 2, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     labels = torch.tensor([[[0, 0, 1, 255], [0, 1, 1, 255], [7, 7, 0, 2]]], dtype=torch.float64)
-    center = class_center_map(feat, labels, num_classes=3)
-    f = feat.flatten(2)[0]
-    lab = labels.flatten()
+    valid, index = class_index(labels, num_classes=3)
+    protos = class_prototypes(feat, index, num_classes=3)
+    f, lab = feat.flatten(2)[0], labels.flatten()
+    center = f.clone()
     for k in range(3):
         m = lab == k
         proto = f[:, m].sum(1) / (m.sum() + 1e-6)
-        torch.testing.assert_close(center.flatten(2)[0][:, m], proto[:, None].expand(-1, int(m.sum())))
-    keep = (lab == 255) | (lab == 7)
-    torch.testing.assert_close(center.flatten(2)[0][:, keep], f[:, keep])
+        torch.testing.assert_close(protos[0, :, k], proto)
+        center[:, m] = proto[:, None]
+    expected = F.cosine_similarity(f, center, dim=0).view(1, 3, 4)
+    got = pixel_cosine(feat, valid, index, num_classes=3)
+    torch.testing.assert_close(got, expected)
+    keep = ((lab == 255) | (lab == 7)).view(1, 3, 4)
+    assert (got[keep] == 1).all()
 
 
 def test_label_downsampling_is_legacy_nearest():
@@ -143,10 +154,8 @@ def test_all_ignored_is_about_zero_and_ignored_pixels_dilute_the_mean():
     full = crit(fs, ft, t)
     half = t.clone()
     half[:, 2:] = 255
-    sim = crit.pixel_cosine
-    lab = downsample_labels(half, (4, 4))
-    lab = torch.where(lab == 255, torch.full_like(lab, -1), lab)
-    err = (sim(fs, lab) - sim(ft, lab))[:, :2]
+    valid, index = class_index(downsample_labels(half, (4, 4)), 19)
+    err = (pixel_cosine(fs, valid, index, 19) - pixel_cosine(ft, valid, index, 19))[:, :2]
     torch.testing.assert_close(crit(fs, ft, half), (err**2).sum() / 16)
     assert full.item() > 0
 

@@ -2,9 +2,7 @@
 evaluation schedule, both shell scripts end to end on synthetic Cityscapes, and clean failures."""
 import copy
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,44 +10,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
-from common.losses.adversarial import gradient_penalty
 from common.losses.segmentation import CriterionDSN
 from common.losses.skd import PairWise, PixelWise
 from common.models import Discriminator, build_model
 from skd import test as skd_test
 from skd import train_and_eval as skd_train
 from skd.options import train_parser
+from tests.helpers_psp import (
+    StubSeg,
+    backbone_only,
+    check_d_step,
+    check_g_step,
+    reference_forward,
+    run_main,
+    script_env,
+    stub_batch,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT_FLAGS = ["--pi", "True", "--pa", "True", "--ho", "True", "--lambda-pa", "0.5", "--pool-scale", "0.5",
                 "--lambda-pi", "10.0", "--lambda-d", "0.1", "--weight-decay", "5e-4"]
-
-
-class StubSeg(nn.Module):
-    """A tiny PSPNet stand-in with SKD's 7 outputs ``[logits, dsn, psp_feat, x4, x3, x2, x1]`` at stride 8."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.feat = nn.Conv2d(3, channels, 1)
-        self.head = nn.Conv2d(channels, 19, 1)
-        self.aux = nn.Conv2d(channels, 19, 1)
-        self.x4 = nn.Conv2d(channels, 2 * channels, 1)
-
-    def forward(self, x):
-        feat = torch.relu(self.feat(F.avg_pool2d(x, 8)))
-        x4 = self.x4(feat)
-        return [self.head(feat), self.aux(feat), feat, x4, x4 + 1, x4 + 2, F.avg_pool2d(x, 4)]
-
-
-def stub_batch(seed=0, side=520):
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(2, 3, side, side, generator=g)
-    labels = torch.randint(0, 19, (2, side // 40, side // 40), generator=g)
-    labels = labels.repeat_interleave(40, 1).repeat_interleave(40, 2)
-    labels[:, :60] = 255
-    return images, labels.float()
 
 
 def test_objective_and_update_order_match_the_original():
@@ -57,7 +38,7 @@ def test_objective_and_update_order_match_the_original():
     (lr 4e-4, momentum 0.9, G's weight decay) on 0.1·(mean D(S) − mean D(T)) + 0.1·10·GP (§B.4.5, §B.6)."""
     torch.manual_seed(0)
     args = train_parser().parse_args(SCRIPT_FLAGS)
-    student, teacher = StubSeg(8), StubSeg(16)
+    student, teacher = StubSeg(8, skd_outputs=True), StubSeg(16, skd_outputs=True)
     notes = []
     disc = skd_train.build_discriminator(args, torch.device("cpu"), notes)
     assert notes == []  # no model_best.pth.tar in the (relative) D folder: D starts from scratch
@@ -70,37 +51,16 @@ def test_objective_and_update_order_match_the_original():
     torch.manual_seed(7)
     out = step((images, labels), 0)
 
-    y = labels.long()
-    with torch.no_grad():
-        preds_t = teacher(images)
-    preds_s = s_ref(images)
-    mc = CriterionDSN()(preds_s, y)
+    _, preds_s, preds_t, mc = reference_forward(s_ref, teacher, images, labels)
     pi = PixelWise()(preds_s[0], preds_t[0])
     pa = PairWise(0.5)(preds_s[2], preds_t[2])
     adv = -d_ref(preds_s[0])[0].mean()
     total = mc + 10 * pi + 0.5 * pa + 0.1 * adv
-    for name, value in (("mc", mc), ("pixelwise", 10 * pi), ("pairwise", 0.5 * pa), ("adv", 0.1 * adv),
-                        ("loss_G", total)):
-        assert out[name] == pytest.approx(value.item(), rel=1e-5, abs=1e-7), name
-    sgd = torch.optim.SGD(s_ref.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    sgd.zero_grad()
-    total.backward()
-    sgd.step()
-    for p, q in zip(student.parameters(), s_ref.parameters()):
-        torch.testing.assert_close(p, q)
-
+    check_g_step(out, (("mc", mc), ("pixelwise", 10 * pi), ("pairwise", 0.5 * pa), ("adv", 0.1 * adv),
+                       ("loss_G", total)), student, s_ref, total)
     d_sgd = torch.optim.SGD([p for p in d_ref.parameters() if p.requires_grad], lr=4e-4, momentum=0.9,
                             weight_decay=5e-4)
-    d_sgd.zero_grad()
-    real, fake = preds_t[0].detach(), preds_s[0].detach()
-    d_t, d_s = d_ref(real)[0], d_ref(fake)[0]
-    torch.manual_seed(7)
-    d_loss = 0.1 * (d_s.mean() - d_t.mean()) + 0.1 * 10 * gradient_penalty(d_ref, real, fake)
-    assert out["loss_D"] == pytest.approx(d_loss.item(), rel=1e-5, abs=1e-7)
-    d_loss.backward()
-    d_sgd.step()
-    for (name, p), q in zip(disc.named_parameters(), d_ref.parameters()):
-        torch.testing.assert_close(p, q, msg=name)
+    check_d_step(out, disc, d_ref, d_sgd, preds_s, preds_t, seed=7)
 
 
 def test_resume_folders_are_the_originals_overrides(tmp_path, monkeypatch):
@@ -129,7 +89,8 @@ def test_flags_drop_their_terms_and_defaults_are_the_originals():
     assert (args.lambda_pa, args.weight_decay, args.pool_scale, args.lambda_d, args.S_resume, args.D_resume) == (
         1.0, 1e-4, 0.5, 0.1, True, True)
     args = train_parser().parse_args(["--pi", "False", "--pa", "no", "--ho", "0"])
-    step = skd_train.build_step(args, StubSeg(8), StubSeg(16), None, torch.device("cpu"))
+    student, teacher = StubSeg(8, skd_outputs=True), StubSeg(16, skd_outputs=True)
+    step = skd_train.build_step(args, student, teacher, None, torch.device("cpu"))
     out = step(stub_batch(1, side=160), 0)
     assert step.terms == [] and step.d_optimizer is None
     assert out["loss_G"] == pytest.approx(out["mc"]) and out["loss_D"] == 0.0
@@ -161,20 +122,14 @@ def weights(tmp_path_factory):
     toolbox["fc.weight"] = torch.zeros(1000, 512)
     torch.save({"state_dict": toolbox}, root / "teacher_toolbox.pth")
     torch.save(state, root / "teacher_ifvd_keys.pth")
-    backbone = {k: v for k, v in state.items() if k.startswith(("conv", "bn", "layer"))}
+    backbone = backbone_only(state)
     torch.save(backbone, root / "resnet18-imagenet.pth")
     return root
 
 
-def script_env():
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["PYTHON"] = sys.executable
-    return env
-
-
 def test_scripts_train_evaluate_and_predict(synthetic_cityscapes, weights, tmp_path):
     data = synthetic_cityscapes
-    env = {**script_env(), "CITYSCAPES": str(data)}
+    env = script_env(CITYSCAPES=str(data))
     extra = ["--data-list", str(data / "lists" / "train.lst"), "--data-listval", str(data / "lists" / "val.lst"),
              "--T_ckpt_path", str(weights / "teacher_toolbox.pth"), "--teacher-model", "pspnet_resnet18",
              "--student-pretrain-model-imgnet", str(weights / "resnet18-imagenet.pth"), "--input-size", "64,64",
@@ -209,15 +164,6 @@ def test_scripts_train_evaluate_and_predict(synthetic_cityscapes, weights, tmp_p
 
 
 # ----------------------------------------------------------------------------------------- bad inputs
-def run_main(fn, argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        fn(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "Traceback" not in err
-    return err
-
-
 def train_argv(data, weights, tmp_path, *extra):
     return ["--data-dir", str(data), "--data-list", str(data / "lists" / "train.lst"),
             "--data-listval", str(data / "lists" / "val.lst"), "--T_ckpt_path", str(weights / "teacher_toolbox.pth"),
@@ -260,7 +206,7 @@ def test_test_script_bad_inputs(synthetic_cityscapes, tmp_path, capsys):
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
     assert "does not match" in run_main(skd_test.main, base + ["--resume-from", str(tmp_path / "wrong.pth")], capsys)
     proc = subprocess.run(["bash", str(REPO / "skd" / "run_test.sh"), "--device", "cpu"], cwd=tmp_path,
-                          env={**script_env(), "CITYSCAPES": str(data)}, capture_output=True, text=True, timeout=300)
+                          env=script_env(CITYSCAPES=str(data)), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
 
 

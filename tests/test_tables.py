@@ -153,7 +153,7 @@ def test_render_reported_beside_measured_and_demo_kept_apart(tmp_path):
     for seed, miou in ((0, 0.74), (1, 0.76)):
         _write(tmp_path, f"cwd_logits_s{seed}", seed=seed, miou=miou, scale="full", extra={"level": "logits"})
     _write(tmp_path, "cwd_demo", miou=0.30, scale="demo", extra={"level": "logits"})
-    _write(tmp_path, "baseline", method="baseline", miou=0.69, scale="full", extra={"level": "feature"})
+    _write(tmp_path, "baseline", method="baseline", model="pspnet_resnet18", miou=0.69, scale="full", extra={})
     _write(tmp_path, "other_paper", paper="ifvd", method="cwd", miou=0.11, scale="full", extra={"level": "logits"})
     text = render_paper("cwd", render_all_results(tmp_path), complexity=False)
     header = _header(text, "Teacher")
@@ -163,7 +163,8 @@ def test_render_reported_beside_measured_and_demo_kept_apart(tmp_path):
     assert cd[f"logits map: {DEMO_LABEL}"] == "30.00"
     assert cd["feature map: measured"] == "—" and f"feature map: {DEMO_LABEL}" not in header
     student = dict(zip(header, _row(text, "Student")))
-    assert student["feature map: measured"] == "69.00" and student["logits map: measured"] == "—"
+    # the no-KD student has no distillation level: it fills both columns ("any_column")
+    assert student["feature map: measured"] == "69.00" and student["logits map: measured"] == "69.00"
     assert "11.00" not in text and "Measured results found: 3 full-scale, 1 demo-scale" in text
     table3 = _header(text, "False_False_False_channel_kl_3_5_v1 (logits, λ=3, τ=5)")
     assert not any(DEMO_LABEL in h for h in table3)

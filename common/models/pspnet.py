@@ -66,6 +66,14 @@ class PSPNet(ResNet):
         return outputs
 
 
+def output_side(n):
+    """Side of the stride-8 outputs for an input side ``n``: stride-2 stem conv, ceil-mode 3x3/2 max-pool,
+    stride-2 layer2 (§C.1; 512 -> 65, the discriminator's input size)."""
+    n = (n - 1) // 2 + 1
+    n = -(-(n - 1) // 2) + 1
+    return (n - 1) // 2 + 1
+
+
 def _pspnet(block, layers, num_classes, norm, pretrained_backbone, return_features):
     model = PSPNet(block, layers, num_classes=num_classes, norm=norm, return_features=return_features)
     if pretrained_backbone is not None:

@@ -53,13 +53,18 @@ _ABSENT = object()
 
 
 def cell_match(paper: str, table: dict, row: dict, column: dict) -> dict:
-    """The field=value conditions a result must meet to fill a cell: table, then column, then row (row wins)."""
+    """The field=value conditions a result must meet to fill a cell: table, then column, then row (row wins).
+
+    A row with ``"any_column": true`` (e.g. the teacher and the no-KD student, which have no
+    distillation level) ignores the column's conditions and fills every column.
+    """
     match = {"paper": paper}
     for key in ("dataset", "split"):
         if table.get(key) is not None:
             match[key] = table[key]
     match.update(table.get("match", {}))
-    match.update(column.get("match", {}))
+    if not row.get("any_column"):
+        match.update(column.get("match", {}))
     if "match" in row:
         match.update(row["match"])
     else:

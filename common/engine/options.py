@@ -1,0 +1,79 @@
+"""Argparse helpers shared by the entry points (the originals' ``options.py``, DESIGN.md "Fidelity").
+
+``str2bool`` is the originals' boolean parser; ``size_pair`` parses ``--input-size h,w``;
+``add_runtime_flags`` adds the flags every entry point gained (``--device``, ``--norm``, and for
+training ``--seed``, ``--amp``, ``--num-workers``, ``--resume``), which never change the original
+behaviour at their defaults; ``resolve_list`` and ``apply_gpu`` are the originals' list and GPU
+conventions.
+"""
+import argparse
+import os
+
+from common.datasets.cityscapes import default_list
+
+
+def str2bool(value):
+    """The original ``str2bool``: yes/true/t/y/1 and no/false/f/n/0 in any case."""
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if value.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected (true/false), got {value!r}")
+
+
+def size_pair(text):
+    """``"h,w"`` -> ``(h, w)`` of positive ints (``--input-size``)."""
+    try:
+        h, w = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a size must read 'h,w' (e.g. 512,512), got {text!r}") from None
+    if h <= 0 or w <= 0:
+        raise argparse.ArgumentTypeError(f"a size must be positive, got {text!r}")
+    return h, w
+
+
+def size_text(text):
+    """``"h,w"`` checked like :func:`size_pair` but kept as given (CWD stores ``--input-size`` as text)."""
+    size_pair(text)
+    return text
+
+
+def add_runtime_flags(parser, *, training=False, outputs=None, state_file=None, seed=0,
+                      seed_help="seed of random/numpy/torch (the original: 0)", num_workers=4,
+                      amp_help="mixed-precision forwards (losses stay fp32)", added="added: "):
+    """``--device``, ``--norm`` and, when ``outputs`` (its help) is given, ``--outputs-dir`` (default ./outputs).
+
+    With ``training`` also ``--seed``, ``--amp``, ``--num-workers``, ``--resume`` and, when ``state_file``
+    (where the state goes) is given, ``--state-every``. ``added`` prefixes the help of flags the original
+    did not have ("" for entry points without an original).
+    """
+    parser.add_argument("--device", default="auto",
+                        help=f"{added}auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    parser.add_argument("--norm", default="auto", choices=("auto", "abn", "bn"),
+                        help=f"{added}InPlace-ABN backend (auto = compiled extension when built, else pure PyTorch)")
+    if outputs is not None:
+        parser.add_argument("--outputs-dir", type=str, default="./outputs", help=f"{added}{outputs}")
+    if not training:
+        return
+    parser.add_argument("--seed", type=int, default=seed, help=f"{added}{seed_help}")
+    parser.add_argument("--amp", action="store_true", help=f"{added}{amp_help}")
+    parser.add_argument("--num-workers", type=int, default=num_workers,
+                        help=f"{added}training loader workers" + (f" (original {num_workers})" if added else ""))
+    parser.add_argument("--resume", type=str, default=None, help=f"{added}continue from a training_state.pth "
+                                                                 "(models, optimizers, step, RNG, data position)")
+    if state_file is not None:
+        parser.add_argument("--state-every", type=int, default=1000,
+                            help=f"{added}write {state_file} every N steps (0: only at the save/evaluation points)")
+
+
+def resolve_list(path, split, data_dir):
+    """``path`` if given, else the shipped ``<split>.lst`` (or ``<data_dir>/lists/<split>.lst``)."""
+    return path if path else default_list(split, root=data_dir)
+
+
+def apply_gpu(gpu):
+    """The original ``os.environ['CUDA_VISIBLE_DEVICES'] = args.gpu``, skipped for the default 'None'."""
+    if gpu not in ("None", ""):
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
