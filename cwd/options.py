@@ -12,6 +12,8 @@ import argparse
 import os
 from pathlib import Path
 
+from common.engine.options import add_runtime_flags, size_text, str2bool
+from common.engine.options import resolve_list as resolve_shipped_list
 from common.errors import UserError
 
 DEMO_DATA_DIR = "./demo_data/cityscapes"
@@ -19,17 +21,6 @@ DEMO_TEACHER = "./demo_runs/teacher/teacher_city.pth"
 DEMO_STEPS = 100
 DEMO_CROP = "96,96"
 DEMO_BATCH = 4
-
-
-def str2bool(value):
-    """The original ``str2bool``: yes/true/t/y/1 and no/false/f/n/0 in any case."""
-    if isinstance(value, bool):
-        return value
-    if value.lower() in ("yes", "true", "t", "y", "1"):
-        return True
-    if value.lower() in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"boolean value expected (true/false), got {value!r}")
 
 
 def demo_enabled():
@@ -51,22 +42,6 @@ def demo_preset():
     }
 
 
-def _add_runtime(parser):
-    parser.add_argument("--device", default="auto", help="added: auto (cuda if available, else cpu), cpu, cuda, cuda:N")
-    parser.add_argument("--norm", default="auto", choices=("auto", "abn", "bn"),
-                        help="added: InPlace-ABN backend (auto = compiled extension when built, else pure PyTorch)")
-
-
-def _input_size(text):
-    try:
-        h, w = (int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--input-size must read 'h,w' (e.g. 512,512), got {text!r}") from None
-    if h <= 0 or w <= 0:
-        raise argparse.ArgumentTypeError(f"--input-size must be positive, got {text!r}")
-    return text
-
-
 def train_parser():
     """``TrainOptions``: the original flags and defaults (§3.1) plus the added ones."""
     p = argparse.ArgumentParser(prog="python cwd/train.py",
@@ -80,7 +55,7 @@ def train_parser():
     p.add_argument("--data-listval", type=str, default=None,
                    help="list of the final evaluation (original ./dataset/list/cityscapes/val.lst; default: shipped)")
     p.add_argument("--ignore-label", type=int, default=255, help="parsed but unused, as in the original")
-    p.add_argument("--input-size", type=_input_size, default="512,512", help="training crop 'h,w'")
+    p.add_argument("--input-size", type=size_text, default="512,512", help="training crop 'h,w'")
     p.add_argument("--random-mirror", action="store_true")
     p.add_argument("--random-scale", action="store_true")
     p.add_argument("--T_ckpt_path", type=str, default="./ckpt/teacher_city.pth", help="teacher weights (required)")
@@ -121,16 +96,8 @@ def train_parser():
     p.add_argument("--save-dir", type=str, default="ckpt")
     p.add_argument("--save-ckpt-start", type=int, default=40000)
     p.add_argument("--save-ckpt-every", type=int, default=1000)
-    _add_runtime(p)
-    p.add_argument("--seed", type=int, default=0, help="added: seed of random/numpy/torch (the original: 0)")
-    p.add_argument("--amp", action="store_true", help="added: mixed precision forwards (losses stay fp32)")
-    p.add_argument("--num-workers", type=int, default=4, help="added: training loader workers (original 4)")
-    p.add_argument("--resume", type=str, default=None,
-                   help="added: continue from a training_state.pth (model, optimizers, step, RNG, data position)")
-    p.add_argument("--state-every", type=int, default=1000,
-                   help="added: also write <run>/training_state.pth every N steps (0 = only at save points)")
-    p.add_argument("--outputs-dir", type=str, default="./outputs",
-                   help="added: where the final evaluation writes its prediction PNGs (original ./outputs)")
+    add_runtime_flags(p, training=True, state_file="<run>/training_state.pth",
+                      outputs="where the evaluations write their prediction PNGs (original ./outputs)")
     if demo_enabled():
         p.set_defaults(**demo_preset())
     return p
@@ -147,9 +114,7 @@ def eval_parser(kind):
     p.add_argument("--num_classes", type=int, default=19)
     p.add_argument("--restore-from", type=str, default="", help="student checkpoint (city_39999_G.pth)")
     p.add_argument("--gpu", type=str, default="None", help="accepted for compatibility; use --device")
-    _add_runtime(p)
-    p.add_argument("--outputs-dir", type=str, default="./outputs",
-                   help="added: prediction PNG folder (original ./outputs)")
+    add_runtime_flags(p, outputs="prediction PNG folder (original ./outputs)")
     if kind == "val":
         p.add_argument("--results", type=str, default=None,
                        help="added: results.json path (default: next to --restore-from)")
@@ -158,19 +123,10 @@ def eval_parser(kind):
 
 def resolve_list(path, split, data_dir):
     """``path`` if given; otherwise ``<data_dir>/lists/<split>.lst`` under the demo preset, else the shipped list."""
-    from common.datasets.cityscapes import default_list
-
-    if path:
-        return path
+    if path or not demo_enabled():
+        return resolve_shipped_list(path, split, data_dir)
     local = Path(data_dir) / "lists" / f"{split}.lst"
-    if demo_enabled():
-        if not local.is_file():
-            raise UserError(f"demo list {local} does not exist; generate the demo data with "
-                            f"`python -m common.datasets.synthetic cityscapes {data_dir}` or unset SEGKD_DEMO")
-        return str(local)
-    return default_list(split, root=data_dir)
-
-
-def parse_input_size(text):
-    h, w = (int(v) for v in text.split(","))
-    return h, w
+    if not local.is_file():
+        raise UserError(f"demo list {local} does not exist; generate the demo data with "
+                        f"`python -m common.datasets.synthetic cityscapes {data_dir}` or unset SEGKD_DEMO")
+    return str(local)

@@ -9,12 +9,9 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from torch.utils.data import DataLoader
-
 from common.datasets.cityscapes import CSTestSet
-from common.engine import resolve_device
+from common.engine import psp_kd, resolve_device
 from common.errors import main_guard
-from common.evaluation import evaluate_main
 from cwd.options import eval_parser, resolve_list
 from cwd.val import load_student
 
@@ -28,9 +25,8 @@ def main(argv=None):
     model = load_student(args, device)
     dataset = CSTestSet(args.data_dir, resolve_list(args.data_list, "test", args.data_dir), crop_size=None)
     print(f"{len(dataset)} images are loaded!", flush=True)
-    loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=0)
-    result = evaluate_main(model, loader, num_classes=args.num_classes, device=device, whole=True, mode="test",
-                           output_dir=args.outputs_dir)
+    result = psp_kd.evaluate_split(model, dataset, num_classes=args.num_classes, device=device, mode="test",
+                                   outputs_dir=args.outputs_dir)
     print(f"wrote {result.num_images} predictions to {args.outputs_dir}")
 
 

@@ -13,27 +13,20 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
-from torch.utils.data import DataLoader
 
 from common.datasets.cityscapes import CSTrainValSet
-from common.engine import resolve_device
-from common.errors import UserError, main_guard
-from common.evaluation import evaluate_main, write_results_json
-from common.models import build_model
-from common.models.weights import load_checkpoint, load_state_dict_strict
+from common.engine import psp_kd, resolve_device
+from common.errors import main_guard
+from common.evaluation import write_results_json
 from cwd.options import eval_parser, resolve_list
 
-STUDENT = "pspnet_resnet18"
+RESTORE_HINT = "pass --restore-from <run>/city_39999_G.pth"
 
 
 def load_student(args, device):
     """The student with ``--restore-from`` loaded strictly (a missing flag or file is a UserError)."""
-    if not args.restore_from:
-        raise UserError("no checkpoint given; pass --restore-from <run>/city_39999_G.pth")
-    model = build_model(STUDENT, num_classes=args.num_classes, norm=args.norm)
-    load_state_dict_strict(model, load_checkpoint(args.restore_from, "student checkpoint (--restore-from)"),
-                           f"student checkpoint {args.restore_from}")
-    return model.to(device)
+    return psp_kd.load_student(psp_kd.STUDENT, args.restore_from, "--restore-from", RESTORE_HINT,
+                               num_classes=args.num_classes, norm=args.norm, device=device)
 
 
 def run_fields(restore_from):
@@ -43,7 +36,7 @@ def run_fields(restore_from):
     if args_json.is_file():
         fields = json.loads(args_json.read_text())["run_info"]
     else:
-        fields = {"paper": "cwd", "method": "cwd", "model": STUDENT, "dataset": "cityscapes", "split": "val",
+        fields = {"paper": "cwd", "method": "cwd", "model": psp_kd.STUDENT, "dataset": "cityscapes", "split": "val",
                   "iterations": None, "crop": None, "batch": None, "seed": None, "extra": {"run": path.parent.name}}
     released = re.search(r"val-\d+\.\d+", path.name)
     if released:
@@ -61,9 +54,8 @@ def main(argv=None):
     model = load_student(args, device)
     dataset = CSTrainValSet(args.data_dir, resolve_list(args.data_list, "val", args.data_dir), crop_size=None)
     print(f"{len(dataset)} images are loaded!", flush=True)
-    loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=0)
-    result = evaluate_main(model, loader, num_classes=args.num_classes, device=device, whole=True,
-                           output_dir=args.outputs_dir)
+    result = psp_kd.evaluate_split(model, dataset, num_classes=args.num_classes, device=device, mode="val",
+                                   outputs_dir=args.outputs_dir)
     with np.printoptions(precision=8):
         print(f"mean_IU: {result.miou:.6f}  IU_array: \n{np.asarray(result.iou)}", flush=True)
     out = Path(args.results) if args.results else Path(args.restore_from).parent / "results.json"
