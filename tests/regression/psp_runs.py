@@ -1,0 +1,96 @@
+"""Twenty CPU training steps of each PSP-lineage trainer on tiny synthetic data (engine-redesign guard, issue 9).
+
+``python -m tests.regression.psp_runs record`` writes ``psp_losses.json`` beside this file: for every run the
+per-step losses its ``metrics.jsonl`` holds. ``tests/test_regression_psp.py`` reruns the same commands and
+compares step by step (1e-6 relative). A change that alters one of these numbers changes what the trainers
+compute; re-record only for a deliberate change of results, and say which in the commit.
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+RECORD = HERE / "psp_losses.json"
+STEPS = 20
+
+
+def make_inputs(root):
+    """Synthetic Cityscapes and CamVid, a seeded PSPNet-R101 / R18 teacher and a seeded ESPNet-C teacher."""
+    from common.datasets.synthetic import make_camvid, make_cityscapes
+    from common.models import build_model
+
+    root = Path(root)
+    make_cityscapes(root / "cityscapes", splits={"train": 4, "val": 2, "test": 1}, size=(256, 512), seed=0)
+    make_camvid(root / "camvid", splits={"train": 4, "val": 1, "test": 2}, size=(360, 480), seed=0)
+    for name in ("pspnet_resnet101", "pspnet_resnet18", "espnet_c"):
+        torch.manual_seed(0)
+        kwargs = {"num_classes": 11} if name == "espnet_c" else {"norm": "bn"}
+        torch.save(build_model(name, **kwargs).state_dict(), root / f"{name}.pth")
+    return root
+
+
+def runs(root):
+    """``{name: (main, argv, metrics.jsonl path)}`` of the five trainers."""
+    from common import train_baseline
+    from cwd import train as cwd_train
+    from ifvd import train as ifvd_train
+    from skd import train_and_eval, train_esp
+
+    city, out = str(root / "cityscapes"), root / "out"
+    common = ["--num-steps", str(STEPS), "--batch-size", "2", "--device", "cpu", "--num-workers", "0", "--norm", "bn"]
+    psp = ["--data-dir", city, "--is-student-load-imgnet", "False", *common]
+    return {
+        "cwd_logits_kd_adv": (cwd_train.main, [
+            *psp, "--T_ckpt_path", str(root / "pspnet_resnet101.pth"), "--input-size", "504,504",
+            "--norm-type", "channel", "--divergence", "kl", "--temperature", "4", "--lambda-cwd", "3",
+            "--kd", "True", "--cwd", "True", "--adv", "True", "--save-dir", str(out / "cwd"), "--save-name", "r",
+            "--save-ckpt-start", str(STEPS)], out / "cwd" / "r" / "metrics.jsonl"),
+        "ifvd_full": (ifvd_train.main, [
+            *psp, "--T_ckpt_path", str(root / "pspnet_resnet18.pth"), "--teacher-model", "pspnet_resnet18",
+            "--input-size", "504,504", "--save-dir", str(out / "ifvd"), "--save-name", "r",
+            "--save-ckpt-start", str(STEPS)], out / "ifvd" / "r" / "metrics.jsonl"),
+        "skd_pi_pa_ho": (train_and_eval.main, [
+            *psp, "--T_ckpt_path", str(root / "pspnet_resnet18.pth"), "--teacher-model", "pspnet_resnet18",
+            "--input-size", "504,504", "--S_resume", "False", "--D_resume", "False", "--seed", "0",
+            "--snapshot-dir", str(out / "skd" / "snap"), "--log-dir", str(out / "skd" / "log")],
+            out / "skd" / "log" / "metrics.jsonl"),
+        "skd_esp_label_kd_sd": (train_esp.main, [
+            "--method", "student_esp_d", "--data-dir", str(root / "camvid"), "--sd_mode", "light_label_kd_sd",
+            "--teacher_model", "student_esp_e", "--teacher-path", str(root / "espnet_c.pth"),
+            "--num-steps", str(STEPS), "--batch-size", "2", "--input-size", "120,160", "--num-workers", "0",
+            "--device", "cpu", "--random-mirror", "--snapshot-dir", str(out / "esp")], out / "esp" / "metrics.jsonl"),
+        "train_baseline_r18": (train_baseline.main, [
+            "--model", "pspnet_resnet18", "--data-dir", city, "--input-size", "96,96", *common,
+            "--save-dir", str(out / "baseline")], out / "baseline" / "metrics.jsonl"),
+    }
+
+
+def step_losses(metrics_path):
+    """Per-step floats of ``metrics.jsonl`` without the wall time: ``[{name: value}, ...]`` in step order."""
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in ("time", "step")} for row in sorted(rows, key=lambda r: r["step"])]
+
+
+def run_all(root, names=None):
+    """Run the trainers (``names``: a subset) and return ``{name: step_losses}``."""
+    torch.set_num_threads(1)
+    root = make_inputs(root)
+    results = {}
+    for name, (main, argv, metrics) in runs(root).items():
+        if names and name not in names:
+            continue
+        main(argv)
+        results[name] = step_losses(metrics)
+    return results
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    if sys.argv[1:2] != ["record"]:
+        sys.exit("usage: python -m tests.regression.psp_runs record")
+    with tempfile.TemporaryDirectory() as tmp:
+        RECORD.write_text(json.dumps(run_all(tmp), indent=1) + "\n")
+    print(f"wrote {RECORD}")
