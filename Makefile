@@ -32,6 +32,12 @@ demo: setup build-abn
 bench: setup build-abn
 	$(PY) -m bench
 
+# CUDA check on a machine with one GPU (common/gpu_check.py): builds the extension against $(PYTHON)'s own torch,
+# runs the CUDA tests, the ABN CUDA bench and one GPU step of each entry point. No venv, nothing installed.
+.PHONY: gpu-check
+gpu-check:
+	$(PYTHON) -m common.gpu_check
+
 tables: setup
 	$(PY) -m common.tables
 

@@ -3,23 +3,28 @@
 Baseline = the conference code's loop (skd_cvpr19.md §6): no DataLoader workers, contiguous tensors, a numpy
 masked array and the original ``get_confusion_matrix`` per image. Uses ``$CAMVID`` (or ../shared/data/camvid)
 and ``base_57.8.pth`` when present, else a synthetic CamVid and random weights (said in the output).
+The two loops run interleaved over the same first SUBSET images (bench/timing.py); the speed-up is the median
+of the per-round ratios with its spread, or "not resolved at this size". CPU time includes the loader
+workers (counted when they exit at the end of each pass).
 """
+import argparse
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils import data
 
+from bench import timing
 from common.datasets.camvid import CamVidLight
 from common.models import build_model
 from common.models.weights import load_checkpoint, load_state_dict_strict
 from skd.eval_esp import evaluate, predict_esp
 
 REPO = Path(__file__).resolve().parents[1]
-SUBSET = 60  # images timed with both loops (the original loop alone is the slow part of this bench)
+SUBSET = 20  # images timed with both loops per round (the original loop alone is the slow part of this bench)
+ROUNDS = 5
 
 
 def original_confusion(gt, pred, n):
@@ -37,7 +42,6 @@ def original_loop(model, dataset):
     """The §6 loop as written: batch 1, no workers, masked array, per-image bincount matrix."""
     cm = np.zeros((11, 11))
     loader = data.DataLoader(dataset, batch_size=1, shuffle=False, num_workers=0)
-    start = time.perf_counter()
     with torch.no_grad():
         for image, label, size, _ in loader:
             out = predict_esp(model, image, (360, 480))
@@ -46,9 +50,8 @@ def original_loop(model, dataset):
             seg_gt = np.asarray(label.numpy()[0][:size[0, 0], :size[0, 1]], dtype=int)
             keep = seg_gt != 255
             cm += original_confusion(seg_gt[keep], np.asarray(seg_pred)[keep], 11)
-    seconds = time.perf_counter() - start
     tp = np.diag(cm)
-    return float((tp / np.maximum(1.0, cm.sum(1) + cm.sum(0) - tp)).mean()), seconds
+    return float((tp / np.maximum(1.0, cm.sum(1) + cm.sum(0) - tp)).mean())
 
 
 def _data():
@@ -64,7 +67,9 @@ def _data():
     return Path(tmp.name), None, tmp
 
 
-def main():
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench skd_esp", description=__doc__.splitlines()[0])
+    args = timing.add_arguments(parser, rounds=ROUNDS).parse_args([] if argv is None else argv)
     torch.set_num_threads(2)
     root, ckpt, tmp = _data()
     model = build_model("espnet", num_classes=11).eval()
@@ -74,20 +79,30 @@ def main():
     dataset = CamVidLight(root, root / "test.txt")
     subset = data.Subset(dataset, range(min(SUBSET, len(dataset))))
     n = len(subset)
-    print(f"bench skd_esp: ESPNet on CamVid test images from {what}, CPU; ratio on the first {n} images")
-    base_miou, base_s = original_loop(model, subset)
+    print(f"bench skd_esp: ESPNet on CamVid test images from {what}, CPU; {timing.machine_note()}")
     cpu = torch.device("cpu")
-    cm, count, ours_s = evaluate(model, subset, 11, 255, cpu, progress=False, channels_last=True, num_workers=2)
-    rows = [("original loop, 2 threads", n, base_s, base_miou),
-            ("eval_esp.py, 2 workers x 1", count, ours_s, cm.miou())]
-    for label, k, sec, miou in rows:
-        print(f"  {label:<27s}: {k / sec:6.2f} images/s ({sec:5.1f} s)  mIoU {100 * miou:.4f}")
-    print(f"  {'speed-up':<27s}: {base_s / ours_s:.2f}x")
+    miou = {}
+
+    def original():
+        miou["original"] = original_loop(model, subset)
+
+    def ours():
+        cm, _, _ = evaluate(model, subset, 11, 255, cpu, progress=False, channels_last=True, num_workers=2)
+        miou["eval_esp"] = cm.miou()
+
+    samples = timing.interleave({"original": original, "eval_esp": ours}, rounds=args.rounds, warmup=1)
+    for label, name in (("original loop, 2 threads", "original"), ("eval_esp.py, 2 workers x 1", "eval_esp")):
+        sec = samples[name].median_wall()
+        print(f"  {label:<27s}: {n / sec:6.2f} images/s (median {sec:5.1f} s per {n} images)  "
+              f"mIoU {100 * miou[name]:.4f}")
+    speedup = timing.ratio(samples, "original", "eval_esp")
+    print("  " + speedup.text("speed-up (original loop / eval_esp.py)"))
     cm, count, sec = evaluate(model, dataset, 11, 255, cpu, progress=False, channels_last=True, num_workers=2)
     print(f"  eval_esp.py, whole split   : {count / sec:6.2f} images/s on {count} images ({sec:5.1f} s, "
-          f"mIoU {100 * cm.miou():.4f})")
+          f"mIoU {100 * cm.miou():.4f}; one pass)")
     if tmp is not None:
         tmp.cleanup()
+    return speedup
 
 
 if __name__ == "__main__":

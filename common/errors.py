@@ -8,6 +8,18 @@ class UserError(Exception):
 
 
 EXIT_USER_ERROR = 2
+WORKER_TRACEBACK = "Original Traceback (most recent call last):"
+
+
+def user_message(err):
+    """The sentence of ``err``. A DataLoader worker's UserError is re-raised by torch with the worker's
+    traceback as its message; the sentence is then the last line, after ``UserError: ``."""
+    text = str(err)
+    if WORKER_TRACEBACK not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    _, sep, sentence = last.partition("UserError: ")
+    return sentence if sep else last
 
 
 def main_guard(main):
@@ -18,7 +30,7 @@ def main_guard(main):
         try:
             return main(*args, **kwargs)
         except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {user_message(err)}", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper

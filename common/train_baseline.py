@@ -15,33 +15,34 @@ Writes into ``--save-dir``: ``training_state.pth`` (resumable with ``--resume``)
 ``metrics.jsonl`` and ``log.txt``.
 """
 import argparse
-import contextlib
 import os
 import time
 from pathlib import Path
 
-import torch
-
 from common.engine import (
-    FinalEval,
     Logging,
     LRSchedule,
     PeriodicCheckpoint,
-    PolySpec,
+    PeriodicEval,
     RunLogger,
+    Term,
     Trainer,
+    TrainStep,
     atomic_save,
     barrier,
+    eval_loader,
     init_distributed,
-    load_training_state,
     make_sgd,
-    psp_kd,
-    save_training_state,
+    rank_batch,
     seed_everything,
+    train_loader,
 )
 from common.engine.dist import destroy
-from common.engine.options import add_runtime_flags, size_pair
 from common.errors import UserError, main_guard
+from common.numerics import resolve_amp, set_tf32
+from common.recipes import psp
+from common.recipes.options import add_runtime_flags, size_pair
+from common.recipes.run import RunState, has_results, log_args
 
 STATE_NAME = "training_state.pth"
 
@@ -67,8 +68,7 @@ def get_parser():
     p.add_argument("--random-mirror", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--save-dir", default="snapshots")
     p.add_argument("--save-every", type=int, default=2000, help="write training_state.pth every N steps (0: end only)")
-    add_runtime_flags(p, training=True, seed_help="seed of random/numpy/torch", added="",
-                      amp_help="bfloat16 autocast for the forward pass (off: fp32)")
+    add_runtime_flags(p, training=True, seed_help="seed of random/numpy/torch", added="")
     p.add_argument("--log-every", type=int, default=20, help="console line every N steps")
     p.add_argument("--paper", default="ifvd", help="results.json `paper`: the table of the run (ifvd, cwd, skd)")
     p.add_argument("--method", default="baseline", choices=["baseline", "teacher"],
@@ -107,61 +107,44 @@ def main(argv=None):
 
     t_start = time.time()
     seed_everything(args.seed)
+    set_tf32(args.tf32)
     info = init_distributed(args.device)
     device = info.device
-    batch = psp_kd.rank_batch(args.batch_size, info)
+    batch = rank_batch(args.batch_size, info)
     save_dir = Path(args.save_dir)
-    train_set, val_set = psp_kd.train_val_sets(args, ignore_label=args.ignore_label)
+    train_set, val_set = psp.train_val_sets(args, ignore_label=args.ignore_label)
     model = build_model(args.model, num_classes=args.num_classes, norm=args.norm,
                         pretrained_backbone=args.restore_from).to(device)
     optimizer = make_sgd(model.parameters(), args.learning_rate, args.momentum, args.weight_decay)
-    criterion = CriterionDSN(ignore_index=args.ignore_label, aux_weight=0.4)
-
-    start_step, data_position, elapsed_before = 0, 0, 0.0
-    if args.resume:
-        run = {"seed": args.seed, "num_steps": args.num_steps, "batch_size": args.batch_size,
-               "world_size": info.world_size}
-        state = load_training_state(args.resume, {"model": model}, {"optimizer": optimizer}, expect=run)
-        start_step, data_position = state["step"], state["data_position"]
-        elapsed_before = float(state["extra"].get("elapsed_s", 0.0))
+    dsn = CriterionDSN(ignore_index=args.ignore_label, aux_weight=0.4)
+    task = Term("loss", 1.0, lambda logits, aux, labels: dsn([logits, aux], labels), ("s.logits", "s.aux", "labels"))
+    step = TrainStep(model, task=task, optimizer=optimizer, base_lr=args.learning_rate, device=device,
+                     amp=resolve_amp(args.amp, device, args.amp_dtype), total_name="loss", log_adversarial=False)
+    state = RunState(save_dir / STATE_NAME, step, info, batch=batch,
+                     run={"model": args.model, "seed": args.seed, "num_steps": args.num_steps,
+                          "batch_size": args.batch_size, "world_size": info.world_size}, extra={"elapsed_s": 0.0})
+    start_step = state.resume(args.resume) if args.resume else 0
+    elapsed_before = float(state.extra["elapsed_s"])
     logger = RunLogger(save_dir, "train_baseline", enabled=info.is_main, start_step=start_step)
-    psp_kd.log_args(logger, args)
+    log_args(logger, args)
     logger.info(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, device {device}, "
                 f"{info.world_size} process(es), batch {batch}/process, steps {start_step}..{args.num_steps}")
+    loader = train_loader(train_set, seed=args.seed, batch=batch, start=start_step * batch, info=info,
+                          num_workers=args.num_workers)
+    final_weights = save_dir / f"CS_scenes_{args.num_steps}.pth"
 
-    loader = psp_kd.train_loader(train_set, seed=args.seed, batch=batch, start=data_position, info=info,
-                                 num_workers=args.num_workers)
-    net = model
-    if info.world_size > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else contextlib.nullcontext
+    def save_state(n):
+        state.extra["elapsed_s"] = elapsed_before + time.time() - t_start
+        state.save(n)
+        logger.info(f"saved {save_dir / STATE_NAME} at step {n}")
 
-    def step_fn(data, step):
-        images = data[0].to(device, non_blocking=True)
-        labels = data[1].to(device, non_blocking=True).long()
-        with autocast():
-            preds = net(images)
-        loss = criterion([preds[0].float(), preds[1].float()], labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return {"loss": loss.detach()}
-
-    def save(n):
+    def save_final_weights(n):
         if info.is_main:
-            save_training_state(save_dir / STATE_NAME, step=n, models={"model": model},
-                                optimizers={"optimizer": optimizer}, data_position=n * batch,
-                                extra={"model": args.model, "seed": args.seed, "num_steps": args.num_steps,
-                                       "batch_size": args.batch_size, "world_size": info.world_size,
-                                       "elapsed_s": elapsed_before + time.time() - t_start})
-            if n == args.num_steps:
-                atomic_save(model.state_dict(), save_dir / f"CS_scenes_{n}.pth")
-            logger.info(f"saved {save_dir / STATE_NAME} at step {n}")
+            atomic_save(model.state_dict(), final_weights)
         barrier()
 
-    def final_eval():
-        result = evaluate_main(model, psp_kd.eval_loader(val_set, info), num_classes=args.num_classes, device=device,
+    def final_eval(n):
+        result = evaluate_main(model, eval_loader(val_set, info), num_classes=args.num_classes, device=device,
                                ignore_label=args.ignore_label, progress=info.is_main)
         logger.info(f"mean_IU: {result.miou:.6f}  IU_array: {[round(float(v), 4) for v in result.iou]}")
         if info.is_main:
@@ -175,16 +158,19 @@ def main(argv=None):
                        "world_size": info.world_size},
                 **fields)
             logger.info(f"wrote {path}")
+        return result.miou
 
     hooks = [
-        LRSchedule([PolySpec("G", optimizer, args.learning_rate)], args.num_steps, power=args.power),
+        LRSchedule(step.poly_specs(), args.num_steps, power=args.power),
         Logging(logger, device=device, period=args.log_every),
-        PeriodicCheckpoint(save, every=args.save_every or None, start=0, final=True),
-        FinalEval(final_eval),
+        PeriodicCheckpoint(save_state, every=args.save_every or None, start=0, final=True),
+        PeriodicCheckpoint(save_final_weights, final=True, done=final_weights.is_file),
+        PeriodicEval(final_eval, final=True, done=lambda: has_results(save_dir / "results.json", args.num_steps)),
     ]
-    model.train()
+    trainer = Trainer(step, iter(loader), args.num_steps, start_step=start_step, hooks=hooks)
+    state.restore_hooks(trainer)
     try:
-        Trainer(step_fn, iter(loader), args.num_steps, start_step=start_step, hooks=hooks).train()
+        trainer.train()
     finally:
         logger.close()
         destroy()

@@ -1,18 +1,23 @@
 """``python -m cwd.demo`` (``make demo``): the whole CWD pipeline at demo scale on synthetic Cityscapes.
 
 1. write a synthetic Cityscapes to ``demo_data/cityscapes`` (common.datasets.synthetic);
-2. train a PSPNet-R101 teacher briefly with the baseline trainer (``demo_runs/teacher/teacher_city.pth``);
-3. train a PSPNet-R18 student without distillation, the table's "Student" row (``demo_runs/baseline``);
+2. train the PSPNet-R101 teacher with the baseline trainer on its own, longer schedule and larger crop
+   (``demo_runs/teacher/teacher_city.pth``); it is cached: a later run with the same teacher schedule skips it;
+3. train the PSPNet-R18 student without distillation, the table's "Student" row (``demo_runs/baseline``);
 4. run the README command ``bash cwd/exp_cwd.sh channel kl 3 4 False False False v1`` under the demo
-   preset (``SEGKD_DEMO=1``: smaller crop, batch and number of steps, the demo data and teacher;
-   every other setting is the original's), which trains and then evaluates into
-   ``demo_runs/cwd/ckpt/False_False_False_channel_kl_3_4_v1/`` (test.out, results.json);
-5. print the CWD table: the paper's numbers beside the demo-scale measurements.
+   preset (``SEGKD_DEMO=1``: the demo data and teacher, the student schedule below; every other setting is
+   the original's), which trains and then evaluates into
+   ``demo_runs/cwd/ckpt/False_False_False_channel_kl_3_4_v1/`` (test.out, results.json). Baseline and CWD
+   student share the schedule (steps, crop, batch), the seed and therefore the initial weights and the data
+   order: the only difference is the distillation term;
+5. print the CWD table (the paper's numbers beside the demo-scale measurements), the teacher / baseline / CWD
+   val mIoU with the differences, and write ``demo_runs/cwd/predictions.png``: three val images, their
+   ground truth and the three models' predictions side by side in the Cityscapes palette.
 
-The numbers measure a few minutes of CPU training on synthetic images. They show that the pipeline
-works and that the student learns; they are not a reproduction of the paper (that needs Cityscapes,
-the released teacher and 40 000 steps, see cwd/README.md). Steps 1–3 are skipped when their outputs
-exist (``--force`` redoes them).
+The numbers measure a few minutes of CPU training on synthetic images: they show the pipeline and the
+teacher > student relation, not a reproduction of the paper (that needs Cityscapes, the released teacher
+and 40 000 steps, see cwd/README.md). Steps 1-3 are skipped when their outputs exist for the same settings
+(``--force`` redoes them).
 """
 import argparse
 import os
@@ -22,18 +27,29 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from common.datasets.cityscapes import CSTrainValSet, read_list
 from common.errors import UserError, main_guard
+from common.evaluation.inference import predict_whole
+from common.evaluation.palette import CITYSCAPES_COLORS
+from common.io import atomic_open
+from common.models import build_model
+from common.models.weights import load_checkpoint, load_state_dict_strict
 from common.tables.schema import read_results
-from cwd.options import DEMO_BATCH, DEMO_CROP, DEMO_DATA_DIR, DEMO_STEPS, DEMO_TEACHER
+from cwd.options import DEMO_DATA_DIR, DEMO_TEACHER
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_SPLITS = {"train": 24, "val": 6, "test": 2}
 DEMO_SIZE = (128, 256)
-TEACHER_STEPS = 140
-TEACHER_CROP = "64,64"
-TEACHER_BATCH = 4
+TEACHER = {"steps": 300, "crop": (64, 64), "batch": 4}
+STUDENT = {"steps": 100, "crop": (96, 96), "batch": 4}
+SEED = 0
 COMMAND = ["channel", "kl", "3", "4", "False", "False", "False", "v1"]
 RUN_NAME = "False_False_False_channel_kl_3_4_v1"
+PICTURE_IMAGES = 3
 
 
 def run(cmd, env, cwd, title):
@@ -46,12 +62,62 @@ def run(cmd, env, cwd, title):
     print(f"--- {title}: {time.perf_counter() - start:.0f} s", flush=True)
 
 
-def baseline_cmd(model, method, data, out, crop, batch, steps, device):
+def baseline_cmd(model, method, data, out, schedule, device, mirror):
     return [sys.executable, "-m", "common.train_baseline", "--model", model, "--paper", "cwd", "--method", method,
             "--data-dir", data, "--data-list", data / "lists" / "train.lst",
-            "--data-listval", data / "lists" / "val.lst", "--input-size", crop, "--batch-size", batch,
-            "--num-steps", steps, "--no-random-scale", "--no-random-mirror", "--save-dir", out,
+            "--data-listval", data / "lists" / "val.lst", "--input-size", "{},{}".format(*schedule["crop"]),
+            "--batch-size", schedule["batch"], "--num-steps", schedule["steps"], "--seed", SEED,
+            "--no-random-scale", "--random-mirror" if mirror else "--no-random-mirror", "--save-dir", out,
             "--save-every", "0", "--num-workers", "0", "--device", device]
+
+
+def is_done(run_dir, schedule):
+    """Whether ``run_dir`` holds a finished run (results.json) of exactly this schedule and the demo seed."""
+    path = run_dir / "results.json"
+    if not path.is_file():
+        return False
+    result = read_results(path)
+    return (result["iterations"], tuple(result["crop"]), result["batch"], result["seed"]) == (
+        schedule["steps"], schedule["crop"], schedule["batch"], SEED)
+
+
+def colourise(label):
+    """H x W trainIds (255 = ignore, drawn black) -> H x W x 3 uint8 in the Cityscapes palette."""
+    lut = np.zeros((256, 3), np.uint8)
+    lut[:len(CITYSCAPES_COLORS)] = CITYSCAPES_COLORS
+    return lut[np.asarray(label, np.uint8)]
+
+
+def load_model(name, path, what):
+    model = build_model(name, num_classes=19)
+    load_state_dict_strict(model, load_checkpoint(str(path), what), f"{what} {path}")
+    return model.eval()
+
+
+def write_predictions(path, data, models, count=PICTURE_IMAGES):
+    """The first ``count`` val images: image | ground truth | one column per model, titled, in one PNG."""
+    val_list = data / "lists" / "val.lst"
+    val_set = CSTrainValSet(data, val_list, crop_size=None)
+    entries = read_list(val_list, data)
+    rows = []
+    with torch.no_grad():
+        for i in range(min(count, len(val_set))):
+            image, label, size, _ = val_set[i]
+            tiles = [np.asarray(Image.open(entries[i][0]).convert("RGB")), colourise(label)]
+            for model in models.values():
+                logits = predict_whole(model, torch.from_numpy(image)[None], tuple(label.shape))
+                tiles.append(colourise(logits.argmax(1)[0].numpy()))
+            rows.append(np.concatenate(tiles, axis=1))
+    grid = np.concatenate(rows, axis=0)
+    band, width = 14, grid.shape[1] // (2 + len(models))
+    canvas = Image.new("RGB", (grid.shape[1], grid.shape[0] + band), (255, 255, 255))
+    canvas.paste(Image.fromarray(grid), (0, band))
+    draw = ImageDraw.Draw(canvas)
+    for k, title in enumerate(["image", "ground truth", *models]):
+        draw.text((k * width + 3, 1), title, fill=(0, 0, 0))
+    with atomic_open(path, "wb") as f:
+        canvas.save(f, format="PNG")
+    return path
 
 
 @main_guard
@@ -66,8 +132,10 @@ def main(argv=None):
     data = (REPO / DEMO_DATA_DIR).resolve()
     runs = REPO / "demo_runs"
     teacher = (REPO / DEMO_TEACHER).resolve()
+    cwd_run = runs / "cwd" / "ckpt" / RUN_NAME
     env = {**os.environ, "SEGKD_DEMO": "1", "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": os.pathsep.join(
         p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    torch.set_num_threads(args.threads)
 
     if args.force or not (data / "lists" / "train.lst").is_file():
         from common.datasets.synthetic import make_cityscapes
@@ -76,37 +144,55 @@ def main(argv=None):
         shutil.rmtree(data, ignore_errors=True)
         make_cityscapes(data, splits=DEMO_SPLITS, size=DEMO_SIZE, seed=0)
 
-    if args.force or not teacher.is_file():
-        out = runs / "teacher"
-        shutil.rmtree(out, ignore_errors=True)
-        run(baseline_cmd("pspnet_resnet101", "teacher", data, out, TEACHER_CROP, TEACHER_BATCH, TEACHER_STEPS,
-                         args.device), env, REPO, f"teacher PSPNet-R101, {TEACHER_STEPS} steps")
-        shutil.copy(out / f"CS_scenes_{TEACHER_STEPS}.pth", teacher)
+    teacher_dir = runs / "teacher"
+    if args.force or not teacher.is_file() or not is_done(teacher_dir, TEACHER):
+        shutil.rmtree(teacher_dir, ignore_errors=True)
+        run(baseline_cmd("pspnet_resnet101", "teacher", data, teacher_dir, TEACHER, args.device, mirror=True), env,
+            REPO, f"teacher PSPNet-R101, {TEACHER['steps']} steps, crop {TEACHER['crop']}, random mirror")
+        shutil.copy(teacher_dir / f"CS_scenes_{TEACHER['steps']}.pth", teacher)
+    else:
+        print(f"=== teacher: cached {teacher} ({TEACHER['steps']} steps; --force retrains it)", flush=True)
 
-    if args.force or not (runs / "baseline" / "results.json").is_file():
-        shutil.rmtree(runs / "baseline", ignore_errors=True)
-        run(baseline_cmd("pspnet_resnet18", "baseline", data, runs / "baseline", DEMO_CROP, DEMO_BATCH, DEMO_STEPS,
-                         args.device), env, REPO, f"student PSPNet-R18 without distillation, {DEMO_STEPS} steps")
+    baseline_dir = runs / "baseline"
+    if args.force or not is_done(baseline_dir, STUDENT):
+        shutil.rmtree(baseline_dir, ignore_errors=True)
+        run(baseline_cmd("pspnet_resnet18", "baseline", data, baseline_dir, STUDENT, args.device, mirror=False), env,
+            REPO, f"student PSPNet-R18 without distillation, {STUDENT['steps']} steps")
+    else:
+        print(f"=== baseline student: cached {baseline_dir} (--force retrains it)", flush=True)
 
-    cwd_dir = runs / "cwd"
-    shutil.rmtree(cwd_dir / "ckpt" / RUN_NAME, ignore_errors=True)
-    cwd_dir.mkdir(parents=True, exist_ok=True)
-    demo_env = {**env, "CITYSCAPES": str(data), "SEGKD_DEMO_TEACHER": str(teacher), "PYTHON": sys.executable}
-    run(["bash", REPO / "cwd" / "exp_cwd.sh", *COMMAND, "--device", args.device], demo_env, cwd_dir,
-        f"bash cwd/exp_cwd.sh {' '.join(COMMAND)} (demo preset, {DEMO_STEPS} steps)")
+    shutil.rmtree(cwd_run, ignore_errors=True)
+    cwd_run.parent.mkdir(parents=True, exist_ok=True)
+    demo_env = {**env, "CITYSCAPES": str(data), "SEGKD_DEMO_TEACHER": str(teacher), "PYTHON": sys.executable,
+                "SEGKD_DEMO_STEPS": str(STUDENT["steps"]), "SEGKD_DEMO_CROP": "{},{}".format(*STUDENT["crop"]),
+                "SEGKD_DEMO_BATCH": str(STUDENT["batch"])}
+    run(["bash", REPO / "cwd" / "exp_cwd.sh", *COMMAND, "--device", args.device, "--seed", str(SEED)], demo_env,
+        runs / "cwd", f"bash cwd/exp_cwd.sh {' '.join(COMMAND)} (demo preset, {STUDENT['steps']} steps)")
 
     print("\n=== CWD table (reported = paper; demo-scale = this demo, synthetic data, NOT a reproduction) ===",
           flush=True)
     subprocess.run([sys.executable, "-m", "common.tables", "--paper", "cwd", "--results-dir", str(runs)],
                    env=env, cwd=REPO, check=True)
-    print("\nDemo-scale val mIoU on the synthetic images (not comparable with the paper's Cityscapes numbers; the\n"
-          f"teacher gets only {TEACHER_STEPS} steps from random init, so it can be weaker than the student here):")
-    for label, path in (("teacher PSPNet-R101", runs / "teacher"), ("student, no distillation", runs / "baseline"),
-                        ("student, CWD (channel kl 3 4)", cwd_dir / "ckpt" / RUN_NAME)):
+
+    miou = {}
+    print("\nDemo-scale val mIoU on the synthetic images (not comparable with the paper's Cityscapes numbers):")
+    for key, label, path in (("teacher", "teacher PSPNet-R101", teacher_dir), ("baseline", "student, no distillation",
+                             baseline_dir), ("cwd", "student, CWD (channel kl 3 4)", cwd_run)):
         result = read_results(path / "results.json")
-        print(f"  {label:31s} {100 * result['miou']:6.2f}   ({result['iterations']} steps, crop "
-              f"{'x'.join(map(str, result['crop']))}, batch {result['batch']})")
-    print(f"demo finished in {time.perf_counter() - start:.0f} s; run folder {cwd_dir / 'ckpt' / RUN_NAME}")
+        miou[key] = 100 * result["miou"]
+        print(f"  {label:31s} {miou[key]:6.2f}   ({result['iterations']} steps, crop "
+              f"{'x'.join(map(str, result['crop']))}, batch {result['batch']}, seed {result['seed']})")
+    print(f"  teacher - baseline {miou['teacher'] - miou['baseline']:+.2f}; "
+          f"CWD - baseline {miou['cwd'] - miou['baseline']:+.2f}")
+
+    last = STUDENT["steps"] - 1
+    models = {"teacher": load_model("pspnet_resnet101", teacher, "demo teacher"),
+              "baseline": load_model("pspnet_resnet18", baseline_dir / f"CS_scenes_{STUDENT['steps']}.pth",
+                                     "demo baseline"),
+              "CWD": load_model("pspnet_resnet18", cwd_run / f"city_{last}_G.pth", "demo CWD student")}
+    picture = write_predictions(runs / "cwd" / "predictions.png", data, models)
+    print(f"demo finished in {time.perf_counter() - start:.0f} s; run folder {cwd_run}")
+    print(f"predictions of {PICTURE_IMAGES} val images (image | ground truth | teacher | baseline | CWD): {picture}")
 
 
 if __name__ == "__main__":

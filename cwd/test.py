@@ -10,8 +10,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.datasets.cityscapes import CSTestSet
-from common.engine import psp_kd, resolve_device
+from common.engine import resolve_device
 from common.errors import main_guard
+from common.recipes import psp
 from cwd.options import eval_parser, resolve_list
 from cwd.val import load_student
 
@@ -25,7 +26,7 @@ def main(argv=None):
     model = load_student(args, device)
     dataset = CSTestSet(args.data_dir, resolve_list(args.data_list, "test", args.data_dir), crop_size=None)
     print(f"{len(dataset)} images are loaded!", flush=True)
-    result = psp_kd.evaluate_split(model, dataset, num_classes=args.num_classes, device=device, mode="test",
+    result = psp.evaluate_split(model, dataset, num_classes=args.num_classes, device=device, mode="test",
                                    outputs_dir=args.outputs_dir)
     print(f"wrote {result.num_images} predictions to {args.outputs_dir}")
 

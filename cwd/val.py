@@ -15,9 +15,10 @@ if __package__ in (None, ""):
 import numpy as np
 
 from common.datasets.cityscapes import CSTrainValSet
-from common.engine import psp_kd, resolve_device
+from common.engine import resolve_device
 from common.errors import main_guard
 from common.evaluation import write_results_json
+from common.recipes import psp
 from cwd.options import eval_parser, resolve_list
 
 RESTORE_HINT = "pass --restore-from <run>/city_39999_G.pth"
@@ -25,7 +26,7 @@ RESTORE_HINT = "pass --restore-from <run>/city_39999_G.pth"
 
 def load_student(args, device):
     """The student with ``--restore-from`` loaded strictly (a missing flag or file is a UserError)."""
-    return psp_kd.load_student(psp_kd.STUDENT, args.restore_from, "--restore-from", RESTORE_HINT,
+    return psp.load_student(psp.STUDENT, args.restore_from, "--restore-from", RESTORE_HINT,
                                num_classes=args.num_classes, norm=args.norm, device=device)
 
 
@@ -36,7 +37,7 @@ def run_fields(restore_from):
     if args_json.is_file():
         fields = json.loads(args_json.read_text())["run_info"]
     else:
-        fields = {"paper": "cwd", "method": "cwd", "model": psp_kd.STUDENT, "dataset": "cityscapes", "split": "val",
+        fields = {"paper": "cwd", "method": "cwd", "model": psp.STUDENT, "dataset": "cityscapes", "split": "val",
                   "iterations": None, "crop": None, "batch": None, "seed": None, "extra": {"run": path.parent.name}}
     released = re.search(r"val-\d+\.\d+", path.name)
     if released:
@@ -54,7 +55,7 @@ def main(argv=None):
     model = load_student(args, device)
     dataset = CSTrainValSet(args.data_dir, resolve_list(args.data_list, "val", args.data_dir), crop_size=None)
     print(f"{len(dataset)} images are loaded!", flush=True)
-    result = psp_kd.evaluate_split(model, dataset, num_classes=args.num_classes, device=device, mode="val",
+    result = psp.evaluate_split(model, dataset, num_classes=args.num_classes, device=device, mode="val",
                                    outputs_dir=args.outputs_dir)
     with np.printoptions(precision=8):
         print(f"mean_IU: {result.miou:.6f}  IU_array: \n{np.asarray(result.iou)}", flush=True)

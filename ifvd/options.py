@@ -7,8 +7,8 @@ behaviour at their defaults. ``--data-list``/``--data-listval`` default to the s
 """
 import argparse
 
-from common.engine.options import add_runtime_flags, size_pair, str2bool
-from common.engine.psp_kd import STUDENT, TEACHER, TEACHERS
+from common.recipes.options import add_runtime_flags, size_pair, str2bool
+from common.recipes.psp import STUDENT, TEACHER, TEACHERS
 
 OUTPUTS_HELP = "folder of the prediction PNGs (original ./outputs; '' writes none)"
 

@@ -10,9 +10,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.datasets.cityscapes import CSTestSet
-from common.engine import psp_kd, resolve_device
-from common.engine.options import apply_gpu, resolve_list
+from common.engine import resolve_device
 from common.errors import UserError, main_guard
+from common.recipes import psp
+from common.recipes.options import apply_gpu
+from common.recipes.psp import resolve_list
 from ifvd.options import eval_parser
 from ifvd.val import load_student
 
@@ -27,7 +29,7 @@ def main(argv=None):
     device = resolve_device(args.device)
     dataset = CSTestSet(args.data_dir, resolve_list(args.data_list, "test", args.data_dir), crop_size=None)
     student = load_student(args, device)
-    result = psp_kd.evaluate_split(student, dataset, num_classes=args.num_classes, device=device, mode="test",
+    result = psp.evaluate_split(student, dataset, num_classes=args.num_classes, device=device, mode="test",
                                    outputs_dir=args.outputs_dir)
     print(f"{result.num_images} test predictions (labelIds) written to {args.outputs_dir}")
 

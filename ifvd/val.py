@@ -9,11 +9,15 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np
+
 from common.datasets.cityscapes import CSTrainValSet
-from common.engine import psp_kd, resolve_device
-from common.engine.options import apply_gpu, resolve_list
+from common.engine import resolve_device
 from common.errors import main_guard
 from common.evaluation import write_results_json
+from common.recipes import psp
+from common.recipes.options import apply_gpu
+from common.recipes.psp import resolve_list
 from ifvd.options import eval_parser
 
 RESTORE_HINT = "pass --restore-from with a student state_dict such as ckpt/exp/city_39999_G.pth"
@@ -21,7 +25,7 @@ RESTORE_HINT = "pass --restore-from with a student state_dict such as ckpt/exp/c
 
 def load_student(args, device):
     """``Res_pspnet(BasicBlock, [2,2,2,2])`` (or ``--model``) with a strict load of ``--restore-from`` (§A.2.3)."""
-    return psp_kd.load_student(args.model, args.restore_from, "--restore-from", RESTORE_HINT,
+    return psp.load_student(args.model, args.restore_from, "--restore-from", RESTORE_HINT,
                                num_classes=args.num_classes, norm=args.norm, device=device)
 
 
@@ -33,11 +37,11 @@ def main(argv=None):
     device = resolve_device(args.device)
     dataset = CSTrainValSet(args.data_dir, resolve_list(args.data_list, "val", args.data_dir), crop_size=None)
     student = load_student(args, device)
-    result = psp_kd.evaluate_split(student, dataset, num_classes=args.num_classes, device=device, mode="val",
+    result = psp.evaluate_split(student, dataset, num_classes=args.num_classes, device=device, mode="val",
                                    outputs_dir=args.outputs_dir)
-    print(f"mean_IU: {result.miou}  IU_array: {result.iou.tolist()}")
+    print(f"mean_IU: {result.miou:.6f}  IU_array: \n{np.asarray(result.iou)}", flush=True)
     out = Path(args.results) if args.results else Path(args.restore_from).resolve().parent / "results.json"
-    method = args.method or ("teacher" if args.model != psp_kd.STUDENT else "ifvd")
+    method = args.method or ("teacher" if args.model != psp.STUDENT else "ifvd")
     tag = args.checkpoint_tag or Path(args.restore_from).stem
     write_results_json(out, paper="ifvd", method=method, model=args.model, dataset="cityscapes", split="val",
                        iterations=None, crop=None, batch=None, seed=None, **result.result_fields(),

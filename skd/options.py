@@ -7,8 +7,8 @@ here it defaults to that same list and is honoured when given.
 """
 import argparse
 
-from common.engine.options import add_runtime_flags, size_pair, str2bool
-from common.engine.psp_kd import TEACHER, TEACHERS
+from common.recipes.options import add_runtime_flags, size_pair, str2bool
+from common.recipes.psp import TEACHER, TEACHERS
 
 SAVE_PATH = "save_path"  # the literal folder name of the original's overrides (§B.2.2 step 1)
 OUTPUTS_HELP = "folder of the prediction PNGs (original ./outputs; '' writes none during training)"

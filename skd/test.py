@@ -10,9 +10,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.datasets.cityscapes import CSTestSet
-from common.engine import psp_kd, resolve_device
-from common.engine.options import resolve_list
+from common.engine import resolve_device
 from common.errors import UserError, main_guard
+from common.recipes import psp
+from common.recipes.psp import resolve_list
 from skd.options import prediction_parser
 
 RESTORE_HINT = "pass --resume-from with a student state_dict such as ./ckpt/CS_scenes_39326_0.75.pth"
@@ -25,9 +26,9 @@ def main(argv=None):
         raise UserError("--outputs-dir is empty, but test.py only writes predictions; pass a folder")
     device = resolve_device(args.device)
     dataset = CSTestSet(args.data_dir, resolve_list(args.data_list, "test", args.data_dir), crop_size=None)
-    student = psp_kd.load_student(psp_kd.STUDENT, args.resume_from, "--resume-from", RESTORE_HINT, num_classes=19,
+    student = psp.load_student(psp.STUDENT, args.resume_from, "--resume-from", RESTORE_HINT, num_classes=19,
                                   norm=args.norm, device=device)
-    result = psp_kd.evaluate_split(student, dataset, num_classes=19, device=device, mode="test",
+    result = psp.evaluate_split(student, dataset, num_classes=19, device=device, mode="test",
                                    outputs_dir=args.outputs_dir)
     print(f"{result.num_images} test predictions (labelIds) written to {args.outputs_dir}")
 

@@ -21,20 +21,33 @@ from torch.utils import data
 
 from common.datasets.camvid import ESP_MEAN_BGR, ESP_STD_BGR, CamVidLight
 from common.datasets.cityscapes import IMG_MEAN_BGR
-from common.engine.checkpoint import atomic_save, load_training_state, save_training_state, set_rng_state
-from common.engine.logger import RunLogger
-from common.engine.lr import make_sgd
-from common.engine.seed import ResumableSampler, SeededDataset, loader_generator, seed_everything
-from common.engine.trainer import FinalEval, Logging, LRSchedule, PeriodicCheckpoint, PolySpec, Trainer
+from common.engine import (
+    DistInfo,
+    Logging,
+    LRSchedule,
+    PeriodicCheckpoint,
+    PeriodicEval,
+    ResumableSampler,
+    RunLogger,
+    SeededDataset,
+    Term,
+    Trainer,
+    TrainStep,
+    atomic_save,
+    loader_generator,
+    make_sgd,
+    seed_everything,
+)
 from common.errors import UserError, main_guard
 from common.losses.skd import ConferenceCrossEntropy, PairWiseCos, PixelWiseKD
 from common.models import build_model
+from common.recipes.run import RunState
 from common.tables.schema import make_result, write_results
 from skd.eval_esp import METHODS, add, build_esp_model, build_parser, evaluate, load_esp_checkpoint, pick_device
 
-# Teachers with stride-8 logits (KD upsamples them ×8): registry name, index of the feature map for 'sd'.
-TEACHERS = {"psp_dsn": ("pspnet_resnet101", 2), "student_res18": ("pspnet_resnet18", 2),
-            "student_esp_e": ("espnet_c", 1)}
+# Teachers with stride-8 logits (KD upsamples them ×8) by the original's --teacher_model name; 'sd' reads
+# their output "feat".
+TEACHERS = {"psp_dsn": "pspnet_resnet101", "student_res18": "pspnet_resnet18", "student_esp_e": "espnet_c"}
 
 
 def parse_args(argv=None):
@@ -68,10 +81,9 @@ def build_teacher(args, device):
                         f"--sd_mode need one of: {', '.join(TEACHERS)}")
     if not args.teacher_path:
         raise UserError("'kd'/'sd' in --sd_mode need a trained teacher: pass --teacher-path <file.pth>")
-    name, feat_index = TEACHERS[args.teacher_model.lower()]
-    teacher = build_model(name, num_classes=args.num_classes)
+    teacher = build_model(TEACHERS[args.teacher_model.lower()], num_classes=args.num_classes)
     load_esp_checkpoint(teacher, args.teacher_path, args.teacher_model)
-    return teacher.to(device).eval(), feat_index
+    return teacher.to(device).eval()
 
 
 def find_list(data_dir, given, split):
@@ -103,7 +115,7 @@ def main(argv=None):
     use_kd, use_sd, use_label = ("kd" in args.sd_mode), ("sd" in args.sd_mode), ("label" in args.sd_mode)
     if not (use_kd or use_sd or use_label):
         raise UserError(f"--sd_mode {args.sd_mode!r} enables no loss; it must contain 'label', 'kd' and/or 'sd'")
-    teacher, feat_index = build_teacher(args, device) if (use_kd or use_sd) else (None, None)
+    teacher = build_teacher(args, device) if (use_kd or use_sd) else None
 
     train_set = CamVidLight(args.data_dir, find_list(args.data_dir, args.data_list, "train"), crop_size=crop,
                             scale=args.random_scale, mirror=args.random_mirror, ignore_label=args.ignore_label,
@@ -112,60 +124,42 @@ def main(argv=None):
     num_samples = args.num_steps * args.batch_size
     repeated = data.ConcatDataset([train_set] * -(-num_samples // len(train_set)))
     optimizer = make_sgd(student.parameters(), args.learning_rate, args.momentum, args.weight_decay)
+
+    # loss = weight_l·CE ['label'] + weight_k·pixel-wise KD ['kd'] + weight_s·pair-wise ['sd'], each logged raw
+    terms = []
+    if use_label:
+        terms.append(Term("label", args.weight_l, ConferenceCrossEntropy(args.ignore_label), ("s.logits", "labels"),
+                          log_weighted=False))
+    if use_kd:
+        kd = PixelWiseKD(upsample=args.method.lower() == "student_esp_e", temperature=args.tem)
+        terms.append(Term("kd", args.weight_k, kd, ("s.logits", "t.logits"), log_weighted=False))
+    if use_sd:
+        terms.append(Term("sd", args.weight_s, PairWiseCos(args.sd_loss), ("s.feat", "t.feat"), log_weighted=False))
+    step = TrainStep(student, task=None, optimizer=optimizer, base_lr=args.learning_rate, device=device,
+                     teacher=teacher, terms=terms, teacher_input=lambda x: teacher_input(x, args.teacher_norm),
+                     total_name="loss", log_adversarial=False)
+
     out_dir = Path(args.snapshot_dir)
-    state_path = out_dir / "training_state.pth"
-    expect = {"seed": args.random_seed, "num_steps": args.num_steps, "batch_size": args.batch_size,
-              "method": args.method, "sd_mode": args.sd_mode}
-    start, rng = 0, None
-    if args.resume:
-        info = load_training_state(args.resume, {"student": student}, {"G": optimizer}, restore_rng=False,
-                                   expect=expect)
-        start, rng = info["step"], info["rng"]
+    one_process = DistInfo(rank=0, world_size=1, local_rank=0, device=device, is_main=True)
+    state = RunState(out_dir / "training_state.pth", step, one_process, batch=args.batch_size,
+                     run={"seed": args.random_seed, "num_steps": args.num_steps, "batch_size": args.batch_size,
+                          "method": args.method, "sd_mode": args.sd_mode})
+    start = state.resume(args.resume, restore_rng=False) if args.resume else 0
     sampler = ResumableSampler(len(repeated), args.random_seed, start=start * args.batch_size)
     loader = data.DataLoader(SeededDataset(repeated, args.random_seed), batch_size=args.batch_size, sampler=sampler,
                              num_workers=args.num_workers, drop_last=True, generator=loader_generator(args.random_seed),
                              pin_memory=device.type == "cuda")
     data_iter = iter(loader)
-    if rng is not None:
-        set_rng_state(rng)
+    state.restore_rng()
 
-    criterion_l = ConferenceCrossEntropy(args.ignore_label)
-    criterion_k = PixelWiseKD(upsample=args.method.lower() == "student_esp_e", temperature=args.tem)
-    criterion_s = PairWiseCos(args.sd_loss)
-
-    def step_fn(batch, step):
-        image, label = batch[0].to(device), batch[1].to(device)
-        student.train()
-        preds = student(image)
-        losses, total = {}, 0.0
-        if teacher is not None:
-            with torch.no_grad():
-                soft = teacher(teacher_input(image, args.teacher_norm))
-        if use_label:
-            losses["label"] = criterion_l(preds[0], label)
-            total = total + args.weight_l * losses["label"]
-        if use_kd:
-            losses["kd"] = criterion_k(preds[0], soft[0])
-            total = total + args.weight_k * losses["kd"]
-        if use_sd:
-            losses["sd"] = criterion_s(preds[1], soft[feat_index])
-            total = total + args.weight_s * losses["sd"]
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
-        losses["loss"] = total
-        return {k: v.detach() for k, v in losses.items()}
-
-    def save(n):
-        save_training_state(state_path, step=n, models={"student": student}, optimizers={"G": optimizer},
-                            extra=expect)
+    def save_weights(n):
         atomic_save(student.state_dict(), out_dir / f"{args.method}_{n}.pth")
 
     logger = RunLogger(out_dir, "skd.train_esp", start_step=start)
     logger.info(f"train_esp: {args.method} with sd_mode={args.sd_mode}, {len(train_set)} train images, "
                 f"steps {start}..{args.num_steps - 1}, batch {args.batch_size}, crop {crop}")
 
-    def final_eval():
+    def final_eval(n):
         eval_set = CamVidLight(args.data_dir, eval_list, crop_size=(360, 480))
         cm, count, seconds = evaluate(student, eval_set, args.num_classes, 255, device, progress=False,
                                       channels_last=args.channels_last and device.type == "cpu",
@@ -180,13 +174,18 @@ def main(argv=None):
             teacher=args.teacher_model if teacher is not None else None,
             extra={"checkpoint": str(out_dir / f"{args.method}_{args.num_steps}.pth"),
                    "reconstruction": True, "sd_loss": args.sd_loss, "teacher_norm": args.teacher_norm}))
+        return cm.miou()
 
-    hooks = [LRSchedule([PolySpec("G", optimizer, args.learning_rate)], args.num_steps, args.power, first_index=0),
+    every = args.save_every or None
+    hooks = [LRSchedule(step.poly_specs(), args.num_steps, args.power, first_index=0),
              Logging(logger, device, period=20),
-             PeriodicCheckpoint(save, every=args.save_every or None, final=True),
-             FinalEval(final_eval)]
+             PeriodicCheckpoint(state.save, every=every, final=True),
+             PeriodicCheckpoint(save_weights, every=every, final=True),
+             PeriodicEval(final_eval, final=True)]
+    trainer = Trainer(step, data_iter, args.num_steps, start_step=start, hooks=hooks)
+    state.restore_hooks(trainer)
     try:
-        Trainer(step_fn, data_iter, args.num_steps, start_step=start, hooks=hooks).train()
+        trainer.train()
     finally:
         logger.close()
     return out_dir

@@ -1,4 +1,7 @@
-"""Shared fixtures: synthetic datasets made by the project itself, and the optional real data."""
+"""Shared fixtures: synthetic datasets made by the project itself, and the optional real data.
+
+How to write a test here (expected values from the spec, not from the code): tests/README.md.
+"""
 import os
 from pathlib import Path
 

@@ -307,8 +307,8 @@ def test_models_with_and_without_extension_agree():
         return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), cls(8, activation="identity"), nn.ReLU(),
                              nn.Conv2d(8, 8, 1), cls(8))
 
-    assert norm_layer("abn") is InPlaceABNSync and norm_layer("auto") is InPlaceABNSync
-    a, b = block("abn"), block("bn")
+    assert norm_layer("inplace_abn") is InPlaceABNSync and norm_layer("auto") is InPlaceABNSync
+    a, b = block("inplace_abn"), block("bn")
     b.load_state_dict(a.state_dict(), strict=True)
     x = torch.randn(2, 3, 9, 9)
     with warnings.catch_warnings():
@@ -362,7 +362,7 @@ def test_pspnet_with_and_without_extension_give_the_same_outputs():
     from common.models import build_model
 
     torch.manual_seed(11)
-    a = build_model("pspnet_resnet18", num_classes=19, norm="abn")
+    a = build_model("pspnet_resnet18", num_classes=19, norm="inplace_abn")
     b = build_model("pspnet_resnet18", num_classes=19, norm="bn")
     assert isinstance(a.dsn[1], InPlaceABNSync) and type(b.dsn[1]) is ABN
     assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}

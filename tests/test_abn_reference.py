@@ -101,7 +101,7 @@ def test_missing_extension_says_run_make_build_abn(monkeypatch):
     assert not abn.extension_available()
     assert norm_layer("auto") is ABN
     with pytest.raises(UserError, match="run `make build-abn`"):
-        norm_layer("abn")
+        norm_layer("inplace_abn")
     with pytest.raises(UserError, match="run `make build-abn`"):
         abn.InPlaceABN(4)
     with pytest.raises(UserError, match="run `make build-abn`"):

@@ -106,21 +106,21 @@ def train_args(data, teacher, name, steps=3, extra=()):
 
 def test_resume_matches_uninterrupted_run(synthetic_cityscapes, teacher_ckpt, tmp_path, monkeypatch):
     """Resuming from the state after step 2 of 3 gives the same student as the uninterrupted run."""
-    from common.engine import psp_kd
+    from common.recipes import run as run_mod
     from cwd import train
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("SEGKD_DEMO", raising=False)
-    saved = psp_kd.save_training_state
+    saved = run_mod.save_training_state
 
     def keep_copies(path, *, step, **kw):
         saved(path, step=step, **kw)
         shutil.copy(path, Path(path).with_name(f"state_{step}.pth"))
 
-    monkeypatch.setattr(psp_kd, "save_training_state", keep_copies)
+    monkeypatch.setattr(run_mod, "save_training_state", keep_copies)
     train.main(train_args(synthetic_cityscapes, teacher_ckpt, "full",
                           extra=["--state-every", "2", "--cwd-feat", "True"]))
-    monkeypatch.setattr(psp_kd, "save_training_state", saved)
+    monkeypatch.setattr(run_mod, "save_training_state", saved)
     state = tmp_path / "ckpt" / "full" / "state_2.pth"
     train.main(train_args(synthetic_cityscapes, teacher_ckpt, "resumed",
                           extra=["--resume", str(state), "--cwd-feat", "True"]))

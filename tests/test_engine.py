@@ -4,6 +4,7 @@ import json
 import os
 import random
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,22 +12,24 @@ import torch
 import torch.multiprocessing as mp
 
 from common.engine import (
-    FinalEval,
     HookBase,
     LRSchedule,
     PeriodicCheckpoint,
+    PeriodicEval,
     PolySpec,
     ResumableSampler,
     RunLogger,
     SeededDataset,
+    Term,
     Trainer,
+    TrainStep,
     atomic_save,
     init_distributed,
-    load_training_state,
     loader_generator,
     make_adam,
     make_sgd,
     poly_lr,
+    read_training_state,
     resolve_device,
     save_training_state,
     set_lr,
@@ -136,13 +139,28 @@ class _Recorder(HookBase):
 def test_trainer_hook_order_resume_start_and_final_eval():
     rec, evals = _Recorder(), []
     Trainer(lambda b, s: {"loss": torch.tensor(float(b))}, iter([10, 11]), 4, start_step=2,
-            hooks=[rec, FinalEval(lambda: evals.append(1))]).train()
+            hooks=[rec, PeriodicEval(evals.append)]).train()
     assert rec.events == [("before_train", 2), ("before_step", 2), ("after_step", 2, 10.0),
                           ("before_step", 3), ("after_step", 3, 11.0), ("after_train", 4)]
-    assert evals == [1]
+    assert evals == [4]
     evals.clear()
-    Trainer(lambda b, s: {}, iter([]), 4, start_step=4, hooks=[FinalEval(lambda: evals.append(1))]).train()
-    assert evals == [1]  # resumed at the end: evaluation only
+    Trainer(lambda b, s: {}, iter([]), 4, start_step=4, hooks=[PeriodicEval(evals.append)]).train()
+    assert evals == [4]  # resumed at the end: evaluation only
+    evals.clear()
+    Trainer(lambda b, s: {}, iter([]), 4, start_step=4, hooks=[PeriodicEval(evals.append, done=lambda: True)]).train()
+    assert evals == []  # ... unless its outputs exist
+
+
+def test_periodic_eval_keeps_the_best_and_resumes_it():
+    scores, best = iter([0.3, 0.5, 0.4, 0.6]), []
+    hook = PeriodicEval(lambda n: next(scores), every=2, on_best=lambda n, score: best.append((n, score)))
+    Trainer(lambda b, s: {}, itertools.count(), 8, hooks=[hook]).train()
+    assert best == [(2, 0.3), (4, 0.5), (8, 0.6)] and hook.state_dict() == {"best": 0.6, "best_step": 8}
+    resumed, best = PeriodicEval(lambda n: 0.55, every=2, on_best=lambda n, s: best.append(n)), []
+    trainer = Trainer(lambda b, s: {}, itertools.count(), 10, start_step=8, hooks=[resumed])
+    trainer.load_state_dict({"eval": hook.state_dict()})
+    trainer.train()
+    assert best == [] and resumed.best == 0.6  # 0.55 after the resume does not beat the restored 0.6
 
 
 def test_trainer_crash_still_calls_after_train_but_skips_final_eval():
@@ -153,7 +171,7 @@ def test_trainer_crash_still_calls_after_train_but_skips_final_eval():
             raise KeyError("boom")
         return {"loss": 0.0}
 
-    trainer = Trainer(step_fn, itertools.count(), 3, hooks=[rec, FinalEval(lambda: evals.append(1))])
+    trainer = Trainer(step_fn, itertools.count(), 3, hooks=[rec, PeriodicEval(evals.append)])
     with pytest.raises(KeyError):
         trainer.train()
     assert rec.events[-1] == ("after_train", 1) and not trainer.completed and evals == []
@@ -211,23 +229,40 @@ def _draws():
     return random.random(), np.random.rand(), torch.rand(1).item(), np.random.randn()
 
 
+class _Named(torch.nn.Module):
+    output_names = ("logits",)
+
+    def __init__(self, module):
+        super().__init__()
+        self.net = module
+
+    def forward(self, x):
+        return [self.net(x)]
+
+
+def _train_step(model, opt, modules=None):
+    task = Term("loss", 1.0, lambda out: out.sum(), ("s.logits",))
+    return TrainStep(_Named(model), task=task, optimizer=opt, base_lr=0.1, device="cpu", modules=modules,
+                     total_name="loss", log_adversarial=False)
+
+
 def test_training_state_roundtrip_restores_everything(tmp_path):
     model, opt = _model_and_opt(0)
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     np.random.randn()  # leaves a cached gaussian in numpy's state
     path = tmp_path / "state.pth"
-    save_training_state(path, step=7, models={"student": model}, optimizers={"G": opt},
-                        extra={"note": "x"}, data_position=56)
+    save_training_state(path, step=7, state=_train_step(model, opt).state_dict(), hooks={"eval": {"best": 0.5}},
+                        run={"seed": 3}, extra={"note": "x"}, data_position=56)
     expected = _draws()
     raw = torch.load(path, map_location="cpu", weights_only=True)  # everything is weights_only-safe
-    assert raw["step"] == 7
+    assert raw["step"] == 7 and sorted(raw["modules"]) == ["student"] and sorted(raw["optimizers"]) == ["G"]
     model2, opt2 = _model_and_opt(1)
-    info = load_training_state(path, {"student": model2}, {"G": opt2})
-    assert (info["step"], info["data_position"], info["extra"]) == (7, 56, {"note": "x"})
-    assert _draws() == expected
-    load_training_state(path, {"student": model2}, {"G": opt2}, restore_rng=False)
+    state = read_training_state(path, run={"seed": 3})
+    _train_step(model2, opt2).load_state_dict(state)
+    assert (state["step"], state["data_position"], state["extra"], state["hooks"]) == (7, 56, {"note": "x"},
+                                                                                      {"eval": {"best": 0.5}})
     assert _draws() != expected
-    set_rng_state(info["rng"])
+    set_rng_state(state["rng"])
     assert _draws() == expected
     for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
         assert torch.equal(a, b), k
@@ -235,37 +270,47 @@ def test_training_state_roundtrip_restores_everything(tmp_path):
     assert torch.equal(buf, buf2)
 
 
-def test_training_state_unwraps_module_prefix(tmp_path):
-    model, opt = _model_and_opt(0)
-
-    class Wrapper(torch.nn.Module):
-        def __init__(self, module):
-            super().__init__()
-            self.module = module
-
-    save_training_state(tmp_path / "s.pth", step=1, models={"m": Wrapper(model)}, optimizers={})
-    raw = torch.load(tmp_path / "s.pth", weights_only=True)
-    assert all(not k.startswith("module.") for k in raw["models"]["m"])
-
-
-def test_load_training_state_user_errors(tmp_path):
+def test_training_state_user_errors(tmp_path):
     model, opt = _model_and_opt(0)
     with pytest.raises(UserError, match="does not exist"):
-        load_training_state(tmp_path / "nope.pth", {"student": model}, {"G": opt})
+        read_training_state(tmp_path / "nope.pth")
+    with pytest.raises(UserError, match="is a folder"):
+        read_training_state(tmp_path)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="cannot read"):
-        load_training_state(tmp_path / "junk.pth", {"student": model}, {"G": opt})
+        read_training_state(tmp_path / "junk.pth")
     torch.save(model.state_dict(), tmp_path / "bare.pth")
     with pytest.raises(UserError, match="not a segkd training state"):
-        load_training_state(tmp_path / "bare.pth", {"student": model}, {"G": opt})
-    save_training_state(tmp_path / "s.pth", step=1, models={"student": model}, optimizers={"G": opt})
-    with pytest.raises(UserError, match="same settings"):
-        load_training_state(tmp_path / "s.pth", {"student": model}, {"G": opt}, expect={"seed": 1})
-    with pytest.raises(UserError, match="optimizers"):
-        load_training_state(tmp_path / "s.pth", {"student": model}, {"G": opt, "D": opt})
+        read_training_state(tmp_path / "bare.pth")
+    save_training_state(tmp_path / "s.pth", step=1, state=_train_step(model, opt).state_dict(),
+                        run={"seed": 0, "batch_size": 8, "num_steps": 100})
+    with pytest.raises(UserError, match=r"batch_size=8, num_steps=100 but this run has batch_size=4, num_steps=50"):
+        read_training_state(tmp_path / "s.pth", run={"seed": 0, "batch_size": 4, "num_steps": 50})
+    state = read_training_state(tmp_path / "s.pth")
+    adapter = torch.nn.Linear(5, 5)
+    with pytest.raises(UserError, match="this run has adapter that it does not"):
+        _train_step(model, opt, modules={"adapter": adapter}).load_state_dict(state)
     other = torch.nn.Sequential(torch.nn.Linear(3, 5))
-    with pytest.raises(UserError, match="model 'student' does not match"):
-        load_training_state(tmp_path / "s.pth", {"student": other}, {"G": torch.optim.SGD(other.parameters(), 0.1)})
+    with pytest.raises(UserError, match="module 'student' does not match"):
+        _train_step(other, torch.optim.SGD(other.parameters(), 0.1)).load_state_dict(state)
+
+
+def test_engine_imports_no_dataset_model_or_loss_module():
+    """DESIGN.md, Layout: the engine knows no paper; what it needs is passed in (issue 9 "Done when")."""
+    import ast
+
+    engine = Path(__file__).resolve().parents[1] / "common" / "engine"
+    offenders = []
+    for path in sorted(engine.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            for name in names:
+                if name.startswith(("common.datasets", "common.models", "common.losses", "..datasets",
+                                    "..models", "..losses")):
+                    offenders.append(f"{path.name}: {name}")
+    assert offenders == []
 
 
 # ---------------------------------------------------------------- sampler and seeding

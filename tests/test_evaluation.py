@@ -409,3 +409,64 @@ def test_evaluate_main_on_synthetic_cityscapes(synthetic_cityscapes, tmp_path):
     data = read_results(path)
     assert data["miou"] == pytest.approx(res.miou) and data["scale"] == "demo"
     assert json.loads(path.read_text())["iou"][0] == pytest.approx(res.iou[0])
+
+
+# ---------------------------------------------------------------- hand-computed cases (issue 15)
+class OracleModel(nn.Module):
+    """Full-resolution logits one-hot in the image's channel 0: the prediction is channel 0 itself."""
+
+    def forward(self, x):
+        return [F.one_hot(x[:, 0].long(), 3).permute(0, 3, 1, 2).float(), x]
+
+
+def oracle_batch(pred, gt, name):
+    """One 3×4 image whose valid 2×3 top-left part holds `pred`/`gt`; the padding says class 0 in the label and
+    class 2 in the prediction, so scoring it would change every number below."""
+    image = torch.full((1, 3, 3, 4), 2.0)
+    image[0, 0, :2, :3] = torch.tensor(pred, dtype=torch.float32)
+    label = torch.zeros(1, 3, 4)
+    label[0, :2, :3] = torch.tensor(gt, dtype=torch.float32)
+    return image, label, torch.tensor([[2, 3, 3]]), [name]
+
+
+PRED_A, GT_A = [[0, 1, 1], [2, 2, 0]], [[0, 0, 1], [2, 255, 1]]
+PRED_B, GT_B = [[1, 2, 2], [2, 0, 1]], [[1, 1, 2], [2, 0, 0]]
+
+
+def test_evaluate_main_two_images_three_classes_known_by_hand(tmp_path):
+    batches = [oracle_batch(PRED_A, GT_A, "a"), oracle_batch(PRED_B, GT_B, "b")]
+    res = evaluate_main(OracleModel(), batches, num_classes=3, device="cpu", output_dir=tmp_path, progress=False)
+    # rows = ground truth, columns = prediction (§C.6 step 2); the 255 pixel of image a is dropped
+    assert res.confusion.tolist() == [[2, 2, 0], [1, 2, 1], [0, 0, 3]]
+    assert res.iou.tolist() == pytest.approx([2 / 5, 2 / 6, 3 / 4])  # TP / (row + column − TP)
+    assert res.miou == pytest.approx((2 / 5 + 2 / 6 + 3 / 4) / 3)
+    assert res.pixel_acc == pytest.approx(7 / 11)
+    assert res.mean_acc == pytest.approx((2 / 4 + 2 / 4 + 3 / 3) / 3)  # recall per ground-truth class
+    assert res.num_images == 2
+
+
+def test_evaluate_main_writes_the_cropped_predictions_as_voc_palette_pngs(tmp_path):
+    batches = [oracle_batch(PRED_A, GT_A, "a"), oracle_batch(PRED_B, GT_B, "b")]
+    evaluate_main(OracleModel(), batches, num_classes=3, device="cpu", output_dir=tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
+    for name, pred in (("a", PRED_A), ("b", PRED_B)):
+        png = Image.open(tmp_path / f"{name}.png")
+        assert png.mode == "P" and np.array(png).tolist() == pred
+        assert png.getpalette()[:9] == [0, 0, 0, 128, 0, 0, 0, 128, 0]  # VOC colours of 0, 1, 2 (§C.6)
+
+
+def test_evaluate_main_drops_its_ignore_label_inside_the_class_range():
+    batches = [oracle_batch(PRED_A, GT_A, "a"), oracle_batch(PRED_B, GT_B, "b")]
+    res = evaluate_main(OracleModel(), batches, num_classes=3, device="cpu", ignore_label=1, progress=False)
+    # ground-truth class 1 is now ignored; the 255 pixel falls outside [0, 3) and stays dropped
+    assert res.confusion.tolist() == [[2, 2, 0], [0, 0, 0], [0, 0, 3]]
+
+
+def test_confusion_matrix_drops_an_ignore_index_inside_the_class_range():
+    gt, pred = np.array([0, 1, 2, 1, 2]), np.array([0, 0, 2, 2, 1])
+    cm = ConfusionMatrix(3, ignore_index=1)
+    cm.update(gt, pred)
+    assert cm.array.tolist() == [[1, 0, 0], [0, 0, 0], [0, 1, 1]]
+    kept = ConfusionMatrix(3, ignore_index=255)
+    kept.update(gt, pred)
+    assert kept.array.tolist() == [[1, 0, 0], [1, 0, 1], [0, 1, 1]]

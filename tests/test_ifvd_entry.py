@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from common.engine import psp_kd
+from common.recipes import run as run_mod
 from common.losses.ifvd import IntraClassFeatureVariation
 from common.losses.kd import PixelKL
 from common.models import Discriminator, build_model
@@ -144,7 +144,7 @@ def test_resume_continues_exactly(synthetic_cityscapes, weights, tmp_path, monke
     (dropout, augmentations and sampler order included)."""
     data = synthetic_cityscapes
     saved = []
-    original = psp_kd.save_training_state
+    original = run_mod.save_training_state
 
     def keep_copies(path, **kw):
         original(path, **kw)
@@ -152,7 +152,7 @@ def test_resume_continues_exactly(synthetic_cityscapes, weights, tmp_path, monke
         copy_path.write_bytes(Path(path).read_bytes())
         saved.append(kw["step"])
 
-    monkeypatch.setattr(psp_kd, "save_training_state", keep_copies)
+    monkeypatch.setattr(run_mod, "save_training_state", keep_copies)
     common = ["--num-steps", "2", "--save-ckpt-start", "2", "--state-every", "1", "--random-mirror", "--random-scale",
               "--is-student-load-imgnet", "False", "--outputs-dir", ""]
     ifvd_train.main(train_argv(data, weights, tmp_path / "a", "--save-name", "a", *common))

@@ -82,6 +82,14 @@ def test_pixel_kd_known_value():
     assert PixelKL()(s, t).item() == pytest.approx(0.0279463212, abs=1e-9)
 
 
+def test_pixel_kd_temperature_divides_both_logits_and_adds_no_t_squared():
+    # τ = 2: p_T = softmax([0, 2 ln 3] / 2) = (1/4, 3/4), p_S = (1/2, 1/2); KL summed over classes, then / C = 2
+    s = torch.zeros(1, 2, 1, 1, dtype=torch.float64)
+    t = torch.tensor([0.0, 2 * math.log(3)], dtype=torch.float64).view(1, 2, 1, 1)
+    expected = (0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)) / 2  # 0.0654060180
+    assert PixelKL(temperature=2.0)(s, t).item() == pytest.approx(expected, abs=1e-12)
+
+
 @pytest.mark.parametrize("norm,div", [("channel", "kl"), ("spatial", "kl"), ("channel", "mse"),
                                       ("spatial", "mse"), ("channel_mean", "mse"), ("none", "mse")])
 def test_equal_to_literal_port_of_original(norm, div):

@@ -167,6 +167,15 @@ def test_ignore_index_is_configurable():
     torch.testing.assert_close(crit(feat_s, feat_t, target), ifv_class_loop(feat_s, feat_t, target, 19))
 
 
+def test_ignore_index_inside_the_class_range_drops_that_class():
+    feat_s, feat_t, target = make_inputs(9)
+    k = int(target[target < 19][0])  # a class present in the labels
+    crit = IntraClassFeatureVariation(19, ignore_index=k)
+    as_255 = torch.where(target == k, torch.full_like(target, 255), target)
+    torch.testing.assert_close(crit(feat_s, feat_t, target), ifv_class_loop(feat_s, feat_t, as_255, 19))
+    assert (crit(feat_s, feat_t, target) - IntraClassFeatureVariation(19)(feat_s, feat_t, target)).abs() > 1e-6
+
+
 def test_float_labels_and_different_channel_counts():
     feat_s, feat_t, target = make_inputs(10, cs=128 // 16, ct=512 // 16)
     crit = IntraClassFeatureVariation(19)

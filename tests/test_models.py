@@ -194,14 +194,104 @@ def test_forward_returns_three_outputs_and_dropout_only_in_train(student):
     assert dropped.any() and not dropped.all()
 
 
-def test_psp_module_upsamples_with_align_corners(student):
-    psp = copy.deepcopy(student.pspmodule).eval()
-    feats = torch.randn(1, 512, 9, 11)
+# ---------------------------------------------------------------- a functional reference of §C.1
+STAGES = [(1, 1), (2, 1), (1, 2), (1, 4)]  # (stride, dilation) of layer1..layer4, §C.1 "Layers"
+PSP_BINS = (1, 2, 3, 6)  # §C.1 "PSP module": one stage per bin size
+HEAD_SLOPE = 0.01  # §C.1/§C.2: the heads' ABN is BN + leaky ReLU, slope 0.01
+ABN_EPS = 1e-5  # §C.2: eps 1e-5, effective scale |w| + eps
+
+
+def ref_abn(x, sd, prefix, leaky):
+    """§C.2 in eval mode: (x − μ)/√(σ² + eps)·(|w| + eps) + b, then leaky ReLU (heads) or nothing (backbone)."""
+    y = F.batch_norm(x, sd[f"{prefix}.running_mean"], sd[f"{prefix}.running_var"],
+                     sd[f"{prefix}.weight"].abs() + ABN_EPS, sd[f"{prefix}.bias"], False, 0.0, ABN_EPS)
+    return F.leaky_relu(y, HEAD_SLOPE) if leaky else y
+
+
+def ref_block(x, sd, p, stride, dil, bottleneck):
+    """§C.1 "Blocks": BasicBlock (3×3, 3×3) or Bottleneck v1.5 (1×1, strided 3×3, 1×1·4), both dilated."""
+    if bottleneck:
+        out = F.relu(ref_abn(F.conv2d(x, sd[f"{p}.conv1.weight"]), sd, f"{p}.bn1", False))
+        out = F.conv2d(out, sd[f"{p}.conv2.weight"], stride=stride, padding=dil, dilation=dil)
+        out = F.relu(ref_abn(out, sd, f"{p}.bn2", False))
+        out = ref_abn(F.conv2d(out, sd[f"{p}.conv3.weight"]), sd, f"{p}.bn3", False)
+    else:
+        out = F.conv2d(x, sd[f"{p}.conv1.weight"], stride=stride, padding=dil, dilation=dil)
+        out = F.relu(ref_abn(out, sd, f"{p}.bn1", False))
+        out = ref_abn(F.conv2d(out, sd[f"{p}.conv2.weight"], padding=dil, dilation=dil), sd, f"{p}.bn2", False)
+    if f"{p}.downsample.0.weight" in sd:
+        x = ref_abn(F.conv2d(x, sd[f"{p}.downsample.0.weight"], stride=stride), sd, f"{p}.downsample.1", False)
+    return F.relu(out + x)
+
+
+def ref_psp(x, sd):
+    """§C.1 "PSP module": avg-pool to each bin, 1×1 conv, ABN; bilinear (align_corners=True) back; concat
+    [stages..., input]; 3×3 bottleneck, ABN; Dropout2d is the identity in eval."""
+    size = x.shape[2:]
+    priors = [F.interpolate(ref_abn(F.conv2d(F.adaptive_avg_pool2d(x, b), sd[f"pspmodule.stages.{i}.1.weight"]),
+                                    sd, f"pspmodule.stages.{i}.2", True), size=size, mode="bilinear",
+                            align_corners=True) for i, b in enumerate(PSP_BINS)]
+    y = F.conv2d(torch.cat(priors + [x], 1), sd["pspmodule.bottleneck.0.weight"], padding=1)
+    return ref_abn(y, sd, "pspmodule.bottleneck.1", True)
+
+
+def ref_pspnet(x, sd, layers, bottleneck):
+    """§C.1 end to end, eval mode: ``[logits, dsn_logits, psp_feat, x4, x3, x2, x1]`` (§B.3 order)."""
+    for i, stride in ((1, 2), (2, 1), (3, 1)):
+        x = F.relu(ref_abn(F.conv2d(x, sd[f"conv{i}.weight"], stride=stride, padding=1), sd, f"bn{i}", False))
+    x = F.max_pool2d(x, 3, 2, 1, ceil_mode=True)
+    feats = []
+    for li, (blocks, (stride, dil)) in enumerate(zip(layers, STAGES), 1):
+        for b in range(blocks):
+            x = ref_block(x, sd, f"layer{li}.{b}", stride if b == 0 else 1, dil, bottleneck)
+        feats.append(x)
+    x1, x2, x3, x4 = feats
+    dsn = ref_abn(F.conv2d(x3, sd["dsn.0.weight"], sd["dsn.0.bias"], padding=1), sd, "dsn.1", True)
+    dsn = F.conv2d(dsn, sd["dsn.3.weight"], sd["dsn.3.bias"])
+    psp = ref_psp(x4, sd)
+    return [F.conv2d(psp, sd["head.weight"], sd["head.bias"]), dsn, psp, x4, x3, x2, x1]
+
+
+def randomize_norms(model, seed):
+    """Non-trivial running statistics and affine parameters, some weights negative (so |w| matters)."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        priors = [F.interpolate(stage(feats), size=(9, 11), mode="bilinear", align_corners=True)
-                  for stage in psp.stages]
-        expected = psp.bottleneck(torch.cat(priors + [feats], 1))
-        torch.testing.assert_close(psp(feats), expected)
+        for m in model.modules():
+            if getattr(m, "running_var", None) is not None:
+                n = m.running_var.numel()
+                m.running_mean.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
+                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+                sign = torch.where(torch.rand(n, generator=g) < 0.3, -1.0, 1.0)
+                m.weight.copy_(sign * (torch.rand(n, generator=g) + 0.5))
+                m.bias.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
+    return model
+
+
+def test_psp_pyramid_bins_are_1_2_3_6(student):
+    assert [stage[0].output_size for stage in student.pspmodule.stages] == [1, 2, 3, 6]  # §C.1
+
+
+def test_psp_module_equals_the_functional_reference(student):
+    psp = randomize_norms(copy.deepcopy(student.pspmodule), 1).double().eval()
+    feats = torch.randn(1, 512, 9, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    sd = {f"pspmodule.{k}": v for k, v in psp.state_dict().items()}
+    with torch.no_grad():
+        torch.testing.assert_close(psp(feats), ref_psp(feats, sd), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name,layers,bottleneck,side", [("pspnet_resnet18", [2, 2, 2, 2], False, 65),
+                                                         ("pspnet_resnet101", [3, 4, 23, 3], True, 33)])
+def test_forward_equals_the_functional_reference(name, layers, bottleneck, side):
+    torch.manual_seed(0)
+    model = randomize_norms(build_model(name, norm="abn", return_features=True), 3).double().eval()
+    x = torch.randn(1, 3, side, side, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        got = model(x)
+        expected = ref_pspnet(x, model.state_dict(), layers, bottleneck)
+    assert [tuple(o.shape) for o in got] == [tuple(o.shape) for o in expected]
+    for a, b in zip(got, expected):
+        assert b.abs().max() > 1e-3  # a signal, not a vanished activation
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * b.abs().max().item())
 
 
 def test_strict_roundtrip_with_wrapper_and_module_prefix(student, tmp_path):

@@ -5,6 +5,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import scipy.io
+from PIL import Image
 
 from common.datasets import cityscapes as cs
 from common.datasets import synthetic
@@ -108,3 +110,76 @@ def test_cli_and_bad_arguments(tmp_path, capsys):
     assert exc.value.code == 2 and "too small" in capsys.readouterr().err
     with pytest.raises(UserError, match="splits"):
         synthetic.make_camvid(tmp_path / "y", {"training": 2})
+
+
+# ---------------------------------------------------------------- CIRKD / AICSD layouts
+
+def test_camvid_cirkd_lists_use_the_shipped_line_format(tmp_path):
+    paths = synthetic.make_camvid(tmp_path, {"train": 2, "val": 1, "test": 1}, size=(48, 64), cirkd_lists=True)
+    assert set(paths) == {"train", "val", "test", "trainval"}
+    train = Path(paths["train"]).read_text().splitlines()
+    assert train == ["train/0001TP_000000.png trainannot/0001TP_000000.png",
+                     "train/0001TP_000001.png trainannot/0001TP_000001.png"]  # cirkd.md §4.2 list format
+    assert Path(paths["trainval"]).read_text().splitlines() == train + Path(paths["val"]).read_text().splitlines()
+
+
+def test_camvid_writes_no_cirkd_lists_by_default(tmp_path):
+    synthetic.make_camvid(tmp_path, {"train": 1}, size=(48, 64))
+    assert not list(tmp_path.glob("camvid_*_list.txt"))
+
+
+def test_voc_layout_palette_and_label_values(tmp_path):
+    paths = synthetic.make_voc(tmp_path, {"train": 2, "val": 1}, sbd={"train": 2, "val": 2}, size=(48, 64))
+    for sub in ("JPEGImages", "SegmentationClass", "SegmentationClassAug", "ImageSets/Segmentation",
+                "benchmark_RELEASE/dataset/img", "benchmark_RELEASE/dataset/cls"):
+        assert (tmp_path / sub).is_dir(), sub
+    png = Image.open(tmp_path / "SegmentationClass" / "2007_000000.png")
+    assert png.mode == "P" and png.getpalette()[3:6] == [128, 0, 0]  # VOC colour of class 1
+    values = set()
+    for p in (tmp_path / "SegmentationClass").glob("*.png"):
+        values |= set(np.unique(np.array(Image.open(p))).tolist())
+    assert values <= set(range(21)) | {255} and 255 in values and 0 in values  # aicsd.md §5.1
+    # train_aug = VOC train ∪ SBD − VOC val; SBD train = [first VOC train id, new], SBD val = [first val id, new]
+    assert Path(paths["train_aug"]).read_text().split() == ["2007_000000", "2007_000001", "2011_000000",
+                                                            "2011_000001"]
+    mat = scipy.io.loadmat(tmp_path / "benchmark_RELEASE" / "dataset" / "cls" / "2011_000000.mat")
+    assert mat["GTcls"][0]["Segmentation"][0].shape == (48, 64)
+
+
+def test_ade20k_layout_and_label_values(tmp_path):
+    paths = synthetic.make_ade20k(tmp_path, {"train": 2, "val": 1}, size=(48, 64))
+    assert sorted(p.name for p in (tmp_path / "images" / "training").iterdir()) == ["ADE_train_00000001.jpg",
+                                                                                   "ADE_train_00000002.jpg"]
+    assert paths["val"] == str(tmp_path / "images" / "validation")
+    label = cv2.imread(str(tmp_path / "annotations" / "validation" / "ADE_val_00000001.png"), cv2.IMREAD_UNCHANGED)
+    assert label.shape == (48, 64) and label.min() == 0 and label.max() == 150  # cirkd.md §4.2: 150 classes, 0 other
+
+
+def test_coco_stuff_layout_and_label_values(tmp_path):
+    paths = synthetic.make_coco_stuff(tmp_path, {"train": 1, "val": 1}, size=(48, 64))
+    name = Path(paths["val"]).read_text().split()[0]
+    assert re.fullmatch(r"\d{12}", name) and (tmp_path / "images" / "val2017" / f"{name}.jpg").is_file()
+    label = cv2.imread(str(tmp_path / "annotations" / "val2017" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
+    values = set(np.unique(label).tolist())
+    assert values <= set(range(182)) | {255} and {0, 181, 255} <= values  # cirkd.md §4.2: 182 classes, 255 -> -1
+
+
+@pytest.mark.parametrize("make", [synthetic.make_voc, synthetic.make_ade20k, synthetic.make_coco_stuff])
+def test_new_layouts_are_deterministic_from_seed(tmp_path, make):
+    make(tmp_path / "a", size=(40, 48), seed=3)
+    make(tmp_path / "b", size=(40, 48), seed=3)
+    make(tmp_path / "c", size=(40, 48), seed=4)
+    a, b, c = _arrays(tmp_path / "a"), _arrays(tmp_path / "b"), _arrays(tmp_path / "c")
+    assert a.keys() == b.keys() == c.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert not all(np.array_equal(a[k], c[k]) for k in a)
+
+
+def test_cli_new_layouts(tmp_path, capsys):
+    synthetic.main(["voc", str(tmp_path / "voc"), "--train", "1", "--val", "1", "--sbd-train", "1", "--size", "40x48"])
+    assert "wrote 2 voc images" in capsys.readouterr().out
+    assert (tmp_path / "voc" / "benchmark_RELEASE" / "dataset" / "train.txt").is_file()
+    synthetic.main(["ade20k", str(tmp_path / "ade"), "--train", "1", "--val", "0", "--size", "40x48"])
+    assert len(list((tmp_path / "ade" / "images" / "training").glob("*.jpg"))) == 1
+    with pytest.raises(SystemExit) as exc:
+        synthetic.main(["coco_stuff", str(tmp_path / "coco"), "--test", "2"])
+    assert exc.value.code == 2 and "no test split" in capsys.readouterr().err

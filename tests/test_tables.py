@@ -241,10 +241,27 @@ def test_model_complexity_unknown_model_is_none():
     assert model_complexity("no_such_model") is None
 
 
-def test_pspnet_flops_are_counted_by_flopcountermode():
-    cx = model_complexity("pspnet_resnet18", 19, (1024, 2048))
-    if cx is None:
-        pytest.skip("model not registered: pspnet_resnet18")
-    assert cx.device == "meta" and cx.flops > 0 and cx.gmacs == pytest.approx(cx.flops / 2e9)
-    small = model_complexity("pspnet_resnet18", 19, (512, 1024))
-    assert small.params == cx.params and small.flops < cx.flops
+def psp_r18_conv_macs(side):
+    """Multiply-adds of every convolution of PSPNet-R18 (§C.1) for a side×side input, counted by hand; BN,
+    pooling and interpolation are not counted (FlopCounterMode counts convolutions and matmuls only)."""
+    def out(n, stride):  # 3x3 convs pad 1 / 1x1 convs pad 0: ceil(n / stride)
+        return (n - 1) // stride + 1
+
+    s2 = out(side, 2)  # conv1, stride 2
+    s4 = -(-(s2 - 1) // 2) + 1  # 3x3/2 max-pool, padding 1, ceil_mode
+    s8 = out(s4, 2)  # layer2, stride 2; layers 3 and 4 are dilated
+    convs = [(3, 64, 3, s2), (64, 64, 3, s2), (64, 128, 3, s2)]  # (in, out, kernel, output side)
+    convs += [(128, 64, 3, s4), (64, 64, 3, s4), (128, 64, 1, s4), (64, 64, 3, s4), (64, 64, 3, s4)]
+    for cin, planes in ((64, 128), (128, 256), (256, 512)):
+        convs += [(cin, planes, 3, s8), (planes, planes, 3, s8), (cin, planes, 1, s8)]
+        convs += [(planes, planes, 3, s8)] * 2
+    convs += [(512, 128, 1, b) for b in (1, 2, 3, 6)]  # PSP stages at their bins
+    convs += [(1024, 128, 3, s8), (128, 19, 1, s8), (256, 128, 3, s8), (128, 19, 1, s8)]  # bottleneck, head, dsn
+    return sum(cin * cout * k * k * n * n for cin, cout, k, n in convs)
+
+
+@pytest.mark.parametrize("side", [65, 97])
+def test_pspnet_flops_are_twice_the_hand_counted_conv_macs(side):
+    cx = model_complexity("pspnet_resnet18", 19, (side, side))
+    assert cx.params == 13_068_262  # §C.1
+    assert cx.flops == 2 * psp_r18_conv_macs(side)

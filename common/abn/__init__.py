@@ -5,7 +5,7 @@ from common.abn.abn import ABN, InPlaceABN, InPlaceABNSync
 from common.abn.functional import inplace_abn, inplace_abn_sync
 from common.errors import UserError
 
-NORMS = ("auto", "abn", "bn")
+NORMS = ("inplace_abn", "abn", "auto", "bn")
 
 
 def extension_available():
@@ -14,15 +14,16 @@ def extension_available():
 
 
 def norm_layer(norm="auto"):
-    """The normalisation class for ``norm``: "abn" = compiled InPlaceABNSync (as the originals), "bn" = the
-    pure-PyTorch reference ``ABN`` (same math and state_dict), "auto" = "abn" when the extension is built."""
+    """The In-Place ABN class for ``norm``: "inplace_abn" = compiled InPlaceABNSync (as the originals), "abn" =
+    the pure-PyTorch reference ``ABN`` (same math and state_dict), "bn" = "abn" (the older name), "auto" =
+    "inplace_abn" when the extension is built, else "abn"."""
     if norm not in NORMS:
         raise UserError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
-    if norm == "bn" or (norm == "auto" and not extension_available()):
+    if norm in ("abn", "bn") or (norm == "auto" and not extension_available()):
         return ABN
     if not extension_available():
-        raise UserError(f"norm='abn' needs the compiled InPlace-ABN extension ({_backend.load()[1]}); "
-                        f"{_backend.BUILD_HINT}, or use norm='bn'")
+        raise UserError(f"norm='inplace_abn' needs the compiled InPlace-ABN extension ({_backend.load()[1]}); "
+                        f"{_backend.BUILD_HINT}, or use norm='abn'")
     return InPlaceABNSync
 
 

@@ -5,7 +5,6 @@ recovers xhat from the output (never needs x), allocates only dx and writes neit
 nor into the saved output. ``inplace_abn_sync`` combines the statistics over a torch.distributed group (one
 all_gather forward, one all_reduce backward; unequal per-rank batches weighted by their counts).
 """
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -112,17 +111,12 @@ def inplace_abn(x, weight, bias, running_mean, running_var, training=True, momen
                              activation_param, None, 1)
 
 
-_warned_no_group = False
-
-
 def resolve_group(group):
-    """(group, world_size) at call time: ``None`` means WORLD; without a process group, warn once, run locally."""
-    global _warned_no_group
+    """(group, world_size) at call time: ``None`` means WORLD; without a process group, run locally.
+
+    One process is simply In-Place ABN, so that case is silent (issue 9 item 8).
+    """
     if not (dist.is_available() and dist.is_initialized()):
-        if not _warned_no_group:
-            warnings.warn("InPlaceABNSync: torch.distributed is not initialised; running unsynchronised "
-                          "(like InPlaceABN)", RuntimeWarning, stacklevel=3)
-            _warned_no_group = True
         return None, 1
     group = group if group is not None else dist.group.WORLD
     return group, dist.get_world_size(group)

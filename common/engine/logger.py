@@ -3,7 +3,9 @@
 
 ``<run_dir>/log.txt`` keeps the console lines (the originals' log file, specs/ifvd_skd.md §A.2.1
 step 2); ``<run_dir>/metrics.jsonl`` gets one JSON object per step. On resume, lines of steps at
-or after the resumed step are dropped, so the file reads like one uninterrupted run.
+or after the resumed step are dropped, so the file reads like one uninterrupted run. A fresh run in a
+folder with earlier logs keeps them: they are renamed ``log.<N>.txt`` / ``metrics.<N>.jsonl`` (the first
+free N) and the new log says so.
 """
 import json
 import logging
@@ -23,6 +25,15 @@ class _TqdmHandler(logging.StreamHandler):
             tqdm.write(self.format(record), file=self.stream)
         except Exception:
             self.handleError(record)
+
+
+LOG_FILES = ("log.txt", "metrics.jsonl")
+
+
+def _numbered(name, n):
+    """``log.txt`` -> ``log.<n>.txt``."""
+    stem, _, ext = name.rpartition(".")
+    return f"{stem}.{n}.{ext}"
 
 
 def _tensorboard_writer(run_dir):
@@ -51,6 +62,7 @@ class RunLogger:
             self.logger.addHandler(logging.NullHandler())
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        kept = [] if start_step else self._keep_earlier_logs()
         console = _TqdmHandler()
         console.setLevel(logging.INFO)
         console.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
@@ -63,6 +75,21 @@ class RunLogger:
         self._truncate_metrics(start_step)
         self._jsonl = open(self.metrics_path, "a")
         self._tb = _tensorboard_writer(self.run_dir)
+        if kept:
+            self.info(f"kept the earlier logs of {self.run_dir} as {', '.join(kept)}")
+
+    def _keep_earlier_logs(self):
+        """Rename a previous run's non-empty log.txt / metrics.jsonl to the first free ``.<N>`` suffix."""
+        names = [name for name in LOG_FILES if (self.run_dir / name).is_file()
+                 and (self.run_dir / name).stat().st_size > 0]
+        if not names:
+            return []
+        n = 1
+        while any((self.run_dir / _numbered(name, n)).exists() for name in LOG_FILES):
+            n += 1
+        for name in names:
+            (self.run_dir / name).rename(self.run_dir / _numbered(name, n))
+        return [_numbered(name, n) for name in names]
 
     def _truncate_metrics(self, start_step):
         """Keep only the lines of steps before ``start_step`` (all of them dropped for a fresh run)."""

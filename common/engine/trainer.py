@@ -3,7 +3,12 @@
 The loop only fetches a batch, calls the hooks and ``step_fn(batch, step) -> {name: scalar loss}``.
 Steps are numbered ``start_step .. max_steps - 1`` and the loop stops after the last one, whatever
 the data iterator still holds (SKD's loader ran past ``num_steps`` into a complex learning rate,
-specs/ifvd_skd.md §B.2.2). Schedules, checkpoints, evaluation and logging are hooks.
+specs/ifvd_skd.md §B.2.2). Schedules, checkpoints, evaluation and logging are hooks, each with one job;
+a hook with state (e.g. the best score so far) exposes ``state_dict()`` / ``load_state_dict()`` and the
+trainer collects them under the hook's ``name`` (:meth:`Trainer.state_dict`).
+
+An epoch-based run (AICSD) is this same loop over :func:`common.engine.data.epoch_batches`, with periods
+given in steps (``n`` epochs = ``n * steps_per_epoch``).
 """
 import math
 import time
@@ -15,9 +20,13 @@ from common.engine.lr import poly_lr, set_lr
 
 
 class HookBase:
-    """Override any of the four callbacks; ``self.trainer`` is set by :class:`Trainer`."""
+    """Override any of the four callbacks; ``self.trainer`` is set by :class:`Trainer`.
+
+    A hook with state to resume defines ``state_dict()`` / ``load_state_dict(state)`` and a unique ``name``.
+    """
 
     trainer = None
+    name = None
 
     def before_train(self):
         pass
@@ -56,6 +65,26 @@ class Trainer:
         for hook in self.hooks:
             hook.trainer = self
 
+    def stateful_hooks(self):
+        """``{name: hook}`` of the hooks that carry resumable state."""
+        hooks = {}
+        for hook in self.hooks:
+            if hasattr(hook, "state_dict"):
+                if not hook.name or hook.name in hooks:
+                    raise ValueError(f"Trainer: stateful hook {type(hook).__name__} needs a unique name")
+                hooks[hook.name] = hook
+        return hooks
+
+    def state_dict(self):
+        """The hooks' resumable state by name (the step count is saved by whoever saves the run)."""
+        return {name: hook.state_dict() for name, hook in self.stateful_hooks().items()}
+
+    def load_state_dict(self, state):
+        """Restore :meth:`state_dict`; hooks absent from ``state`` keep their initial state."""
+        for name, hook in self.stateful_hooks().items():
+            if name in state:
+                hook.load_state_dict(state[name])
+
     def train(self):
         for hook in self.hooks:
             hook.before_train()
@@ -84,7 +113,11 @@ class Trainer:
 
 
 class PolySpec:
-    """One optimizer under the poly schedule: ``name`` labels its lr in the logs (e.g. "G", "D")."""
+    """One optimizer under the poly schedule: ``name`` labels its lr in the logs (e.g. "G", "D").
+
+    ``groups="first"``: only ``param_groups[0]`` follows ``base_lr`` (the PSP lineage; CWD's adapter group keeps
+    its initial lr); ``"all"``: every group follows its own ``initial_lr`` (AICSD's 10x head group).
+    """
 
     def __init__(self, name, optimizer, base_lr, groups="first"):
         self.name = name
@@ -112,47 +145,93 @@ class LRSchedule(HookBase):
         it = self.trainer.step + self.first_index
         for spec in self.specs:
             lr = poly_lr(spec.base_lr, it, self.max_steps, self.power)
-            set_lr(spec.optimizer, lr, spec.groups)
+            if spec.groups == "first":
+                set_lr(spec.optimizer, lr, "first")
+            elif spec.groups == "all":
+                for group in spec.optimizer.param_groups:
+                    group["lr"] = poly_lr(group["initial_lr"], it, self.max_steps, self.power)
+            else:
+                raise ValueError(f"LRSchedule: groups must be 'first' or 'all', got {spec.groups!r}")
             self.trainer.scalars[f"{spec.name}_lr"] = lr
 
 
-class PeriodicCheckpoint(HookBase):
-    """Call ``save_fn(completed_steps)`` by the originals' rules.
+class _Periodic(HookBase):
+    """Fire ``fn(n)`` after ``n`` completed steps when ``n >= start and (n - start) % every == 0`` (IFVD/CWD
+    with start 40000, every 200: only at the end), when ``when(n)`` is true (any other rule, e.g. SKD's), and
+    at the last step if ``final``.
 
-    With ``n`` completed steps it saves when ``n >= start and (n - start) % every == 0`` (IFVD/CWD
-    with start 40000, every 200 save only at the end), when ``when(n)`` is true (any other rule,
-    e.g. SKD's), and after the last step if ``final``.
+    A run resumed at its last step (a kill during the final save or evaluation) runs no step; the final
+    point is then produced again unless ``done()`` says its outputs exist (``done=None``: always).
     """
 
-    def __init__(self, save_fn, *, every=None, start=0, final=True, when=None):
-        self.save_fn = save_fn
+    def __init__(self, fn, *, every=None, start=0, final=True, when=None, done=None):
+        self.fn = fn
         self.every = every
         self.start = start
         self.final = final
         self.when = when
+        self.done = done
 
-    def should_save(self, n):
+    def due(self, n):
         if self.every and n >= self.start and (n - self.start) % self.every == 0:
             return True
-        if self.when is not None and self.when(n):
-            return True
-        return self.final and n == self.trainer.max_steps
+        return self.when is not None and self.when(n)
+
+    def resumed_at_end(self):
+        t = self.trainer
+        return t.completed and t.start_step == t.max_steps and self.final and not (self.done and self.done())
+
+
+class PeriodicCheckpoint(_Periodic):
+    """Save with ``save_fn(completed_steps)`` at the points of :class:`_Periodic` (checkpoints only)."""
 
     def after_step(self):
         n = self.trainer.step + 1
-        if self.should_save(n):
-            self.save_fn(n)
-
-
-class FinalEval(HookBase):
-    """Run ``fn()`` once after the last step (also when a run resumes at its end; not after a crash)."""
-
-    def __init__(self, fn):
-        self.fn = fn
+        if self.due(n) or (self.final and n == self.trainer.max_steps):
+            self.fn(n)
 
     def after_train(self):
-        if self.trainer.completed:
-            self.fn()
+        if self.resumed_at_end():
+            self.fn(self.trainer.max_steps)
+
+
+class PeriodicEval(_Periodic):
+    """Evaluate with ``eval_fn(completed_steps) -> score`` at the points of :class:`_Periodic`; the final
+    evaluation runs after training (also when a run resumes at its end; not after a crash).
+
+    With ``on_best(n, score)`` it keeps the best so far (CIRKD's and AICSD's ``*_best_model.pth``): called
+    whenever a score beats every earlier one; the best score and its step are resumable state.
+    """
+
+    name = "eval"
+
+    def __init__(self, eval_fn, *, on_best=None, **when):
+        super().__init__(eval_fn, **when)
+        self.on_best = on_best
+        self.best = None
+        self.best_step = None
+
+    def _evaluate(self, n):
+        score = self.fn(n)
+        if self.on_best is not None and score is not None and (self.best is None or score > self.best):
+            self.best, self.best_step = float(score), n
+            self.on_best(n, score)
+
+    def after_step(self):
+        n = self.trainer.step + 1
+        if self.due(n) and not (self.final and n == self.trainer.max_steps):
+            self._evaluate(n)
+
+    def after_train(self):
+        t = self.trainer
+        if self.final and t.completed and (t.start_step < t.max_steps or self.resumed_at_end()):
+            self._evaluate(t.max_steps)
+
+    def state_dict(self):
+        return {"best": self.best, "best_step": self.best_step}
+
+    def load_state_dict(self, state):
+        self.best, self.best_step = state["best"], state["best_step"]
 
 
 class Logging(HookBase):

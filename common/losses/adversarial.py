@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import UserError
+from common.numerics import full_precision
 
 ADV_TYPES = ("wgan-gp", "hinge")
 
@@ -24,6 +25,7 @@ def discriminator_loss(d_s, d_t, adv_type="wgan-gp"):
     if d_s.shape != d_t.shape:
         raise ValueError(f"discriminator outputs differ in shape: student {tuple(d_s.shape)}, "
                          f"teacher {tuple(d_t.shape)}")
+    d_s, d_t = full_precision(d_s), full_precision(d_t)
     if adv_type == "wgan-gp":
         return d_s.mean() - d_t.mean()
     return F.relu(1.0 - d_t).mean() + F.relu(1.0 + d_s).mean()
@@ -32,7 +34,7 @@ def discriminator_loss(d_s, d_t, adv_type="wgan-gp"):
 def generator_loss(d_s, adv_type="wgan-gp"):
     """G-side term ``−mean D(S)``, the same for both loss types (``CriterionAdvForG``)."""
     check_adv_type(adv_type)
-    return -d_s.mean()
+    return -full_precision(d_s).mean()
 
 
 def gradient_penalty(discriminator, real, fake):

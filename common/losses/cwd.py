@@ -1,10 +1,10 @@
-"""Channel-wise distillation (specs/cwd.md §5.2 loss, §5.3 feature adapter)."""
+"""Channel-wise distillation (specs/cwd.md §5.2 loss, §5.3 feature adapter; CIRKD's variant specs/cirkd.md §3.7)."""
 import torch.nn as nn
 import torch.nn.functional as F
 
 from common.abn import norm_layer
 from common.errors import UserError
-from common.losses.kd import full_precision
+from common.numerics import full_precision
 
 NORM_TYPES = ("channel", "spatial", "channel_mean", "none")
 DIVERGENCES = ("kl", "mse")
@@ -22,9 +22,15 @@ class ChannelWiseDivergence(nn.Module):
 
     ``kl`` needs a softmax normalisation: with ``channel_mean`` or ``none`` the original takes the log
     of raw values (NaN); those combinations are refused here.
+
+    CIRKD's ``CriterionCWD(s_channels, t_channels, ...)``: given both channel counts, the module owns a
+    trainable 1×1 conv adapter (no bias, PyTorch default init) applied to the student when its channel
+    count differs from the teacher's (embeddings) and skipped otherwise (logits, same instance); N and C of
+    the divisor are read from the student **before** the adapter, so feature CWD is divided by N·C_s
+    (§3.7). Without them (the CWD paper's code) the student must already match the teacher.
     """
 
-    def __init__(self, norm_type="channel", divergence="kl", temperature=4.0):
+    def __init__(self, norm_type="channel", divergence="kl", temperature=4.0, s_channels=None, t_channels=None):
         super().__init__()
         if norm_type not in NORM_TYPES:
             raise UserError(f"unknown CWD norm type {norm_type!r}; use one of {', '.join(NORM_TYPES)}")
@@ -36,14 +42,21 @@ class ChannelWiseDivergence(nn.Module):
         self.norm_type = norm_type
         self.divergence = divergence
         self.temperature = float(temperature) if divergence == "kl" else 1.0
+        if (s_channels is None) != (t_channels is None):
+            raise ValueError("give both s_channels and t_channels (CIRKD's adapter) or neither")
+        self.conv = None if s_channels is None else nn.Conv2d(s_channels, t_channels, kernel_size=1, bias=False)
 
     def forward(self, s, t):
         n, c, h, w = s.shape
+        if self.conv is not None and c != t.shape[1]:
+            s = self.conv(full_precision(s))
+        if s.shape[1] != t.shape[1]:
+            raise ValueError(f"CWD: student {tuple(s.shape)} and teacher {tuple(t.shape)} differ in channels")
         tau = self.temperature
         s = full_precision(s) / tau
         t = full_precision(t.detach()) / tau
         if self.norm_type == "channel":
-            s, t, dim = s.reshape(n, c, h * w), t.reshape(t.shape[0], t.shape[1], -1), -1
+            s, t, dim = s.flatten(2), t.flatten(2), -1
         elif self.norm_type == "spatial":
             dim = 1
         elif self.norm_type == "channel_mean":

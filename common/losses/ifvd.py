@@ -3,6 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.numerics import full_precision
+
 __all__ = ["IntraClassFeatureVariation", "class_index", "class_prototypes", "downsample_labels", "pixel_cosine"]
 
 PROTO_EPS = 1e-6  # the original's "+1e-6" in the prototype denominator (§A.4.3 step 3)
@@ -50,18 +52,14 @@ def pixel_cosine(feat, valid, index, num_classes, eps=1e-8):
     return cosine.view(feat.shape[0], *feat.shape[2:])
 
 
-def _full_precision(x):
-    """Half-precision (AMP) features in float32: prototypes are sums over up to h·w pixels."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
 class IntraClassFeatureVariation(nn.Module):
     """``L_ifv = MSE(cos(f_S, center_S), cos(f_T, center_T))`` over all B·h·w pixels (§A.4.3).
 
     Faithful details: per-image, non-detached prototypes; ignored pixels keep their own feature (cosine 1
     for both maps) and still count in the mean; ``nn.CosineSimilarity(dim=1, eps=1e-8)``. The teacher map
     is detached explicitly (the original's ``feat_T.detach()`` was a no-op under ``no_grad``, §A.9 item 4).
-    Half-precision (AMP) inputs are computed in float32, with autocast off.
+    Half-precision (AMP) inputs are computed in float32, with autocast off. CIRKD's ``CriterionIFV``
+    (specs/cirkd.md §3.7) is the same loss with ``ignore_index=-1``.
     """
 
     def __init__(self, num_classes=19, ignore_index=255):
@@ -70,7 +68,6 @@ class IntraClassFeatureVariation(nn.Module):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = int(num_classes)
         self.ignore_index = ignore_index
-
 
     def forward(self, feat_s, feat_t, target):
         if feat_s.dim() != 4 or feat_t.dim() != 4:
@@ -82,7 +79,7 @@ class IntraClassFeatureVariation(nn.Module):
             )
         if target.dim() != 3 or target.shape[0] != feat_s.shape[0]:
             raise ValueError(f"IFV expects B×H×W labels for batch {feat_s.shape[0]}, got {tuple(target.shape)}")
-        feat_s, feat_t = _full_precision(feat_s), _full_precision(feat_t)
+        feat_s, feat_t = full_precision(feat_s), full_precision(feat_t)
         with torch.autocast(feat_s.device.type, enabled=False):
             labels = downsample_labels(target, feat_s.shape[2:])
             valid, index = class_index(torch.where(labels == self.ignore_index, -1.0, labels), self.num_classes)

@@ -3,9 +3,12 @@
 ``PixelKL``: the IFVD/CWD ``CriterionKD`` (specs/ifvd_skd.md §A.4.2, specs/cwd.md §5.4).
 ``LogitKD``: the CIRKD ``CriterionKD`` (specs/cirkd.md §3.2).
 """
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from common.numerics import full_precision
+
+__all__ = ["LogitKD", "PixelKL", "full_precision"]
 
 
 class PixelKL(nn.Module):
@@ -13,7 +16,7 @@ class PixelKL(nn.Module):
 
     The PyTorch 0.4.1 ``elementwise_mean`` divides by every element N·C·H·W, so the value is the
     per-pixel KL (summed over classes) divided by C and averaged over pixels; no T² factor, no ignore
-    mask. Computed in fp32 from two ``log_softmax`` (finite where a teacher probability underflows).
+    mask. Computed from two ``log_softmax`` (finite where a teacher probability underflows), half types in fp32.
     The teacher is detached.
     """
 
@@ -28,7 +31,8 @@ class PixelKL(nn.Module):
 
 
 class LogitKD(nn.Module):
-    """``T² · Σ_pixels KL(softmax(zT/T) ‖ softmax(zS/T)) / (N·H·W)``: the per-pixel KL averaged over pixels."""
+    """``T² · Σ_pixels KL(softmax(zT/T) ‖ softmax(zS/T)) / (N·H·W)``: the per-pixel KL averaged over pixels,
+    at the logits' resolution, no ignore mask (specs/cirkd.md §3.2). The teacher is detached."""
 
     def __init__(self, temperature=1.0):
         super().__init__()
@@ -41,7 +45,3 @@ class LogitKD(nn.Module):
         kl = F.kl_div(log_s, log_t, reduction="sum", log_target=True)
         return kl * self.temperature ** 2 / (n * h * w)
 
-
-def full_precision(x):
-    """``x`` in float32 when it is a half type (AMP), otherwise unchanged: the losses run in fp32 or fp64."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x

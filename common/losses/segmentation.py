@@ -1,6 +1,8 @@
-"""Task loss of the PSP lineage (specs/ifvd_skd.md §A.4.1, §B.4.1; specs/cwd.md §5.1)."""
+"""Task loss of the PSP lineage (ifvd_skd.md §A.4.1, §B.4.1; cwd.md §5.1) and of CIRKD (cirkd.md §3.1)."""
 import torch.nn as nn
 import torch.nn.functional as F
+
+from common.numerics import full_precision
 
 
 class CriterionDSN(nn.Module):
@@ -11,7 +13,9 @@ class CriterionDSN(nn.Module):
     batch (NaN when every pixel is ignored, as in the original).
 
     Call as ``criterion((logits, aux_logits), target)``; a longer sequence (the model's output list)
-    is accepted and only its first two entries are used.
+    is accepted and only its first two entries are used. ``criterion((logits,), target)`` is CE(main) alone:
+    CIRKD's ``SegCrossEntropyLoss`` for the mobile students (no aux head), with ``ignore_index=-1``.
+    Half-precision logits are computed in float32.
     """
 
     def __init__(self, ignore_index=255, aux_weight=0.4):
@@ -20,11 +24,12 @@ class CriterionDSN(nn.Module):
         self.aux_weight = aux_weight
 
     def forward(self, preds, target):
-        logits, aux = preds[0], preds[1]
         target = target.long()
         size = target.shape[-2:]
-        loss = F.cross_entropy(_up(logits, size), target, ignore_index=self.ignore_index)
-        aux_loss = F.cross_entropy(_up(aux, size), target, ignore_index=self.ignore_index)
+        loss = F.cross_entropy(_up(full_precision(preds[0]), size), target, ignore_index=self.ignore_index)
+        if len(preds) == 1:
+            return loss
+        aux_loss = F.cross_entropy(_up(full_precision(preds[1]), size), target, ignore_index=self.ignore_index)
         return loss + self.aux_weight * aux_loss
 
 

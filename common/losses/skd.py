@@ -1,11 +1,14 @@
 """SKD losses: the journal code's pixel-wise / pair-wise terms (ifvd_skd.md §B.4.2, §B.4.3) and the
 conference code's ESPNet distillation terms (skd_cvpr19.md §8, ``utils/criterion.py`` of branch ``cvpr_19``).
 
-All losses take plain tensors (student first, teacher second) and return a 0-dim tensor.
+All losses take plain tensors (student first, teacher second) and return a 0-dim tensor; half types are
+computed in float32, float64 stays float64.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from common.numerics import full_precision
 
 
 def _teacher(t, detach):
@@ -29,37 +32,61 @@ class PixelWise(nn.Module):
         if logits_s.shape != logits_t.shape:
             raise ValueError(f"PixelWise: student logits {tuple(logits_s.shape)} and teacher logits "
                              f"{tuple(logits_t.shape)} differ in shape")
-        logits_t = _teacher(logits_t, self.detach_teacher)
+        logits_t = full_precision(_teacher(logits_t, self.detach_teacher))
         h, w = logits_s.shape[2], logits_s.shape[3]
         p_t = F.softmax(logits_t, dim=1)
-        return (-p_t * F.log_softmax(logits_s, dim=1)).sum() / (h * w)
+        return (-p_t * F.log_softmax(full_precision(logits_s), dim=1)).sum() / (h * w)
 
 
 def similarity(feat: torch.Tensor) -> torch.Tensor:
-    """``utils.similarity`` (§B.4.3 step 2): B×N×N cosine matrix with the per-node norm (+1e-8) detached."""
-    feat = feat.float()
+    """``utils.similarity`` (§B.4.3 step 2): B×N×N cosine matrix with the per-node norm (+1e-8) detached.
+
+    The original casts to float32; here half types go to float32 and float64 stays float64 (autocast off).
+    """
+    feat = full_precision(feat)
     norm = (feat.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-8).detach()
     feat = (feat / norm).flatten(2)
-    return torch.bmm(feat.transpose(1, 2), feat)
+    with torch.autocast(feat.device.type, enabled=False):
+        return torch.bmm(feat.transpose(1, 2), feat)
+
+
+def l2_similarity(feat: torch.Tensor) -> torch.Tensor:
+    """B×N×N matrix ``norm(F)ᵀ norm(F)`` with ``F.normalize`` (eps 1e-12, norm not detached): CIRKD's form."""
+    feat = F.normalize(full_precision(feat), p=2, dim=1).flatten(2)
+    with torch.autocast(feat.device.type, enabled=False):
+        return torch.bmm(feat.transpose(1, 2), feat)
 
 
 class PairWise(nn.Module):
     """``CriterionPairWiseforWholeFeatAfterPool`` (§B.4.3): max-pool both maps with a square-ish patch of
     ``int(size·scale)`` (from the teacher's H and W, ``ceil_mode=True``), then the mean over batch and the
     N² node pairs of (A_T − A_S)², with A the cosine matrices of :func:`similarity`.
+
+    CIRKD's ``CriterionStructuralKD`` (specs/cirkd.md §3.7) is ``PairWise(pool_size=2, normalize="l2",
+    detach_teacher=True)``: a fixed 2×2 max-pool (``ceil_mode=True``; 64×128 → 32×64) and
+    :func:`l2_similarity` instead of the detached-norm :func:`similarity`.
     """
 
-    def __init__(self, scale: float = 0.5, detach_teacher: bool = False):
+    NORMALIZE = ("detached", "l2")
+
+    def __init__(self, scale: float = 0.5, detach_teacher: bool = False, pool_size=None, normalize="detached"):
         super().__init__()
+        if normalize not in self.NORMALIZE:
+            raise ValueError(f"PairWise: normalize must be one of {self.NORMALIZE}, got {normalize!r}")
         self.scale = scale
         self.detach_teacher = detach_teacher
+        self.pool_size = pool_size
+        self.similarity = similarity if normalize == "detached" else l2_similarity
 
     def forward(self, feat_s: torch.Tensor, feat_t: torch.Tensor) -> torch.Tensor:
         if feat_s.shape[0] != feat_t.shape[0] or feat_s.shape[2:] != feat_t.shape[2:]:
             raise ValueError(f"PairWise: student features {tuple(feat_s.shape)} and teacher features "
                              f"{tuple(feat_t.shape)} need the same batch and spatial size")
         feat_t = _teacher(feat_t, self.detach_teacher)
-        patch_h, patch_w = int(feat_t.shape[2] * self.scale), int(feat_t.shape[3] * self.scale)
+        if self.pool_size is None:
+            patch_h, patch_w = int(feat_t.shape[2] * self.scale), int(feat_t.shape[3] * self.scale)
+        else:
+            patch_h = patch_w = self.pool_size
         if patch_h < 1 or patch_w < 1:
             raise ValueError(f"PairWise: scale {self.scale} gives an empty pooling patch for a "
                              f"{feat_t.shape[2]}x{feat_t.shape[3]} feature map")
@@ -67,7 +94,7 @@ class PairWise(nn.Module):
         pooled_s = F.max_pool2d(feat_s, kernel, kernel, 0, ceil_mode=True)
         pooled_t = F.max_pool2d(feat_t, kernel, kernel, 0, ceil_mode=True)
         n = pooled_t.shape[-1] * pooled_t.shape[-2]
-        err = (similarity(pooled_t) - similarity(pooled_s)).pow(2)
+        err = (self.similarity(pooled_t) - self.similarity(pooled_s)).pow(2)
         return err.sum() / (n * n) / pooled_t.shape[0]
 
 
@@ -88,6 +115,7 @@ class ConferenceCrossEntropy(nn.Module):
         self.ignore_index = ignore_index
 
     def forward(self, logits_s: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits_s = full_precision(logits_s)
         if logits_s.shape[2:] != target.shape[1:]:
             logits_s = upsample_bilinear(logits_s, target.shape[1:])
         return F.cross_entropy(logits_s, target.long(), ignore_index=self.ignore_index)
@@ -108,7 +136,7 @@ class PixelWiseKD(nn.Module):
         self.detach_teacher = detach_teacher
 
     def forward(self, logits_s: torch.Tensor, logits_t: torch.Tensor) -> torch.Tensor:
-        logits_t = _teacher(logits_t, self.detach_teacher)
+        logits_s, logits_t = full_precision(logits_s), full_precision(_teacher(logits_t, self.detach_teacher))
         logits_t = upsample_bilinear(logits_t, (logits_t.shape[2] * 8, logits_t.shape[3] * 8))
         if self.upsample:
             logits_s = upsample_bilinear(logits_s, (logits_s.shape[2] * 8, logits_s.shape[3] * 8))
@@ -123,8 +151,9 @@ class PixelWiseKD(nn.Module):
 def cosine_matrix(feat: torch.Tensor) -> torch.Tensor:
     """B×N×N cosine similarities f_i·f_j / (‖f_i‖‖f_j‖) over the N = H·W positions (norms not detached;
     a zero vector's norm is clamped to 1e-12)."""
-    feat = F.normalize(feat.float().flatten(2), p=2, dim=1, eps=1e-12)
-    return torch.bmm(feat.transpose(1, 2), feat)
+    feat = F.normalize(full_precision(feat).flatten(2), p=2, dim=1, eps=1e-12)
+    with torch.autocast(feat.device.type, enabled=False):
+        return torch.bmm(feat.transpose(1, 2), feat)
 
 
 class PairWiseCos(nn.Module):

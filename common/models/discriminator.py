@@ -40,28 +40,33 @@ def _sn_block(in_dim, out_dim):
 class Discriminator(nn.Module):
     """Input B x num_classes x 65 x 65 raw logits; ``forward`` returns ``[score, attn1, attn2]``.
 
-    ``preprocess_mode``: 1 = ``nn.BatchNorm2d`` (batch statistics while D is in train mode, as in the
-    original, which never switches D to eval), 2 = tanh, 3 = ``2(x/255 - 0.5)``. The original builds
-    ``l4`` only for ``image_size == 65`` and fails at forward otherwise; here that is a ValueError.
-    Fully convolutional: a 129x257 input gives a 5x13 score map. Modules are registered in the
-    original order (l4 first), so state_dict keys and order match its checkpoints.
+    ``preprocess_mode``: 1 = ``norm_layer(num_classes)`` (``nn.BatchNorm2d``: batch statistics while D is
+    in train mode, as in the original, which never switches D to eval; CIRKD's ``utils/sagan.py`` passes
+    ``nn.SyncBatchNorm`` when distributed, specs/cirkd.md §2.7), 2 = tanh, 3 = ``2(x/255 - 0.5)``. The
+    original builds ``l4`` only for ``image_size == 65`` and fails at forward otherwise; here that is a
+    ValueError. Fully convolutional: a 129x257 input gives a 5x13 score map, CIRKD's 64x128 logits 1x5.
+
+    Layers are created in the original order (l1, l2, l3, l4, last, attn1, attn2, input norm), so a seed
+    draws the original's initial weights and spectral-norm u/v, and registered in its order (l4 first),
+    so state_dict keys and their order match its checkpoints.
     """
 
-    def __init__(self, preprocess_mode=1, image_size=65, conv_dim=64, num_classes=19):
+    def __init__(self, preprocess_mode=1, image_size=65, conv_dim=64, num_classes=19, norm_layer=nn.BatchNorm2d):
         super().__init__()
         if preprocess_mode not in (1, 2, 3):
             raise ValueError(f"preprocess_mode must be 1 (bn), 2 (tanh) or 3 (x/255 scaling), got {preprocess_mode}")
         if image_size != 65:
             raise ValueError(f"image_size must be 65 (the original has no layer l4 otherwise), got {image_size}")
+        l1 = _sn_block(num_classes, conv_dim)
+        l2 = _sn_block(conv_dim, conv_dim * 2)
+        l3 = _sn_block(conv_dim * 2, conv_dim * 4)
         self.l4 = _sn_block(conv_dim * 4, conv_dim * 8)
-        self.l1 = _sn_block(num_classes, conv_dim)
-        self.l2 = _sn_block(conv_dim, conv_dim * 2)
-        self.l3 = _sn_block(conv_dim * 2, conv_dim * 4)
+        self.l1, self.l2, self.l3 = l1, l2, l3
         self.last = nn.Sequential(nn.Conv2d(conv_dim * 8, 1, 4))
         self.attn1 = SelfAttn(conv_dim * 4)
         self.attn2 = SelfAttn(conv_dim * 8)
         if preprocess_mode == 1:
-            self.preprocess_additional = nn.BatchNorm2d(num_classes)
+            self.preprocess_additional = norm_layer(num_classes)
         elif preprocess_mode == 2:
             self.preprocess_additional = nn.Tanh()
         else:

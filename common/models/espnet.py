@@ -159,6 +159,8 @@ class _Encoder(nn.Module):
 class ESPNetEncoder(_Encoder):
     """ESPNet-C (``ESPNet_Encoder``): forward → [logits at 1/8, b3 features (256 ch, 1/8)]."""
 
+    output_names = ("logits", "feat")
+
     def forward(self, x):
         feat = self.encode(x)[2]
         return [self.classifier(feat), feat]
@@ -171,6 +173,7 @@ class ESPNet(_Encoder):
     """
 
     head = "classifier_1"
+    output_names = ("logits", "feat", "encoder_logits")
 
     def __init__(self, num_classes, p, q):
         super().__init__(num_classes, p, q)

@@ -5,8 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.abn import norm_layer as get_norm_layer
-
+from .norm import ABN_NORMS, norm_layer
 from .registry import register_model
 from .resnet import BasicBlock, Bottleneck, ResNet
 from .weights import load_imagenet_backbone
@@ -39,19 +38,24 @@ class PSPNet(ResNet):
     """``Res_pspnet``: backbone, ``pspmodule``, 1x1 ``head`` and the layer3 ``dsn`` head (§C.1 "Heads").
 
     ``forward`` returns ``[logits, dsn_logits, psp_feat]`` at output stride 8 (no softmax, no
-    upsampling); with ``return_features`` (SKD, §B.3) it appends ``x4, x3, x2, x1``.
+    upsampling); with ``return_features`` (SKD, §B.3) it appends ``x4, x3, x2, x1``. ``norm`` is one
+    of the In-Place ABN names of :mod:`common.models.norm`; the backbone norms have no activation
+    (an explicit ReLU follows, §C.2), the head norms a leaky ReLU 0.01.
     """
 
     def __init__(self, block, layers, num_classes=19, norm="auto", return_features=False):
-        super().__init__(block, layers, get_norm_layer(norm))
+        super().__init__(block, layers, norm_layer(norm, choices=ABN_NORMS))
+        head_norm = norm_layer(norm, activation="leaky_relu", choices=ABN_NORMS)
         channels = 512 * block.expansion
         out = channels // 4
         self.return_features = return_features
-        self.pspmodule = PSPModule(channels, out, self.norm_layer)
+        self.output_names = ("logits", "aux", "feat") + (("layer4", "layer3", "layer2", "layer1")
+                                                         if return_features else ())
+        self.pspmodule = PSPModule(channels, out, head_norm)
         self.head = nn.Conv2d(out, num_classes, kernel_size=1, bias=True)
         self.dsn = nn.Sequential(
             nn.Conv2d(channels // 2, out, kernel_size=3, padding=1),
-            self.norm_layer(out),
+            head_norm(out),
             nn.Dropout2d(0.1),
             nn.Conv2d(out, num_classes, kernel_size=1, bias=True),
         )

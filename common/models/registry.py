@@ -18,8 +18,13 @@ def list_models():
     return sorted(_MODELS)
 
 
-def build_model(name, num_classes=19, **kwargs):
-    """Build the registered model ``name``; an unknown name is a :class:`UserError` listing the names."""
+def model_factory(name):
+    """The factory registered as ``name``; an unknown name is a :class:`UserError` listing the names."""
     if name not in _MODELS:
         raise UserError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
-    return _MODELS[name](num_classes=num_classes, **kwargs)
+    return _MODELS[name]
+
+
+def build_model(name, num_classes=19, **kwargs):
+    """Build the registered model ``name`` (see :func:`model_factory`)."""
+    return model_factory(name)(num_classes=num_classes, **kwargs)

@@ -13,12 +13,14 @@ _SHOW = 5
 
 
 def load_checkpoint(path, what, hint=None):
-    """Read the checkpoint at ``path``; a missing or unreadable file is a :class:`UserError`.
+    """Read the checkpoint at ``path``; a missing, unreadable file or a folder is a :class:`UserError`.
 
     ``what`` names the file in messages (e.g. "teacher checkpoint"), ``hint`` is the fix to print
     (e.g. "pass --T-ckpt-path or download teacher_city.pth").
     """
     hint = hint or "pass the path of an existing checkpoint"
+    if os.path.isdir(path):
+        raise UserError(f"{what} at {path} is a folder, not a file; {hint}")
     if not os.path.isfile(path):
         raise UserError(f"{what} not found at {path}; {hint}")
     try:
@@ -37,7 +39,7 @@ def strip_module_prefix(state_dict):
     return OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in state_dict.items())
 
 
-def _as_state_dict(obj, what):
+def state_dict_of(obj, what):
     """The tensors of ``obj`` (a state_dict, or a training dict with a ``state_dict`` entry), unprefixed."""
     if isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
@@ -60,7 +62,7 @@ def load_state_dict_strict(model, state_dict, what):
     ``module.``, and drops ``*.num_batches_tracked`` entries the model does not have (modern-BN saves
     of an ABN model, §C.9). The error names up to 5 missing, 5 unexpected and 5 shape-mismatched keys.
     """
-    state_dict = _as_state_dict(state_dict, what)
+    state_dict = state_dict_of(state_dict, what)
     own = model.state_dict()
     state_dict = OrderedDict((k, v) for k, v in state_dict.items()
                              if k in own or not k.endswith(".num_batches_tracked"))
@@ -107,7 +109,7 @@ def load_imagenet_backbone(model, path, hint=None):
     what = "ImageNet backbone weights"
     hint = hint or ("download the deep-stem MIT-CSAIL resnet18-imagenet.pth / resnet101-imagenet.pth "
                     "(specs/ifvd_skd.md §D.2) and pass its path")
-    state_dict = _as_state_dict(load_checkpoint(path, what, hint), what)
+    state_dict = state_dict_of(load_checkpoint(path, what, hint), what)
     own = model.state_dict()
     kept = OrderedDict((k, v) for k, v in state_dict.items() if k in own)
     if not kept:
@@ -121,3 +123,27 @@ def load_imagenet_backbone(model, path, hint=None):
     own.update(kept)
     model.load_state_dict(own, strict=True)
     return [k for k in own if k not in kept]
+
+
+def load_imagenet_complete(module, path, hint):
+    """ImageNet init that must cover ``module`` (cirkd.md §2.8): keep the file's keys the module has.
+
+    Keys absent from ``module`` (``fc.*``, ``features.18``, ``classifier``) are dropped. A module key
+    missing from the file (other than ``num_batches_tracked``) or a shape mismatch is a :class:`UserError`,
+    never a silent random init; ``hint`` names the file to pass.
+    """
+    what = "ImageNet backbone weights"
+    state_dict = state_dict_of(load_checkpoint(path, what, hint), what)
+    own = module.state_dict()
+    kept = OrderedDict((k, v) for k, v in state_dict.items() if k in own)
+    missing = [k for k in own if k not in kept and not k.endswith(".num_batches_tracked")]
+    shapes = [f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in kept.items()
+              if v.shape != own[k].shape]
+    if missing or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_listing(missing, len(missing))}")
+        if shapes:
+            parts.append(f"shape mismatches: {_listing(shapes, len(shapes))}")
+        raise UserError(f"{what} at {path} do not fit the backbone ({'; '.join(parts)}); {hint}")
+    module.load_state_dict(kept, strict=False)

@@ -1,25 +1,25 @@
-"""Computed Params / FLOPs of the registered models (DESIGN.md "Benchmark tables").
+"""Computed Params / FLOPs of the registered models (DESIGN.md "Benchmark tables"), two labelled counts.
 
-FLOPs are counted by torch's own `torch.utils.flop_counter.FlopCounterMode` (no hand-written counter), batch 1,
-on the meta device (no memory, no compute; falls back to a CPU forward if a model cannot trace on meta, which
-is slow at 1024×2048). Models that take `norm` are built with norm="bn" (the pure-PyTorch ABN, same parameters;
-the compiled in-place extension has no meta kernels).
-FlopCounterMode counts 2 FLOPs per multiply-add; the papers' "FLOPs" are multiply-adds (CIRKD §7.4), so
-`gmacs` = FlopCounterMode total / 2 / 1e9 is what the tables print.
+* ``convention="torch"`` (the correct count): torch's own `torch.utils.flop_counter.FlopCounterMode`, batch 1,
+  on the meta device (no memory, no compute; falls back to a CPU forward if a model cannot trace on meta,
+  which is slow at 1024×2048). FlopCounterMode counts 2 FLOPs per multiply-add; the papers' "FLOPs" are
+  multiply-adds (CIRKD §7.4), so `gmacs` = total / 2 / 1e9 is what the tables print.
+* ``convention="cirkd"``: CIRKD's own counter (`utils/flops.py`, cirkd.md §7.4) rebuilt by
+  :func:`cirkd_macs`: forward hooks on the Conv2d and Linear leaves, output size (H + 2p − k)//s + 1
+  (dilation ignored, so dilated convolutions are over-counted); that is how CIRKD's reported FLOPs were
+  obtained. Stored as 2 × multiply-adds in `Complexity.flops`, like the torch count.
 
-`convention="cirkd"` swaps FlopCounterMode's convolution formula (through its `custom_mapping`) for the one of
-CIRKD's `utils/flops.py` (cirkd.md §7.4): output size (H + 2p − k)//s + 1, i.e. dilation ignored, which
-over-counts dilated convolutions; that is how CIRKD's reported FLOPs were obtained.
+Models with an In-Place ABN `norm` are built with the pure-PyTorch ABN (same parameters; the compiled in-place
+extension has no meta kernels), the others with their default norm.
 """
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, conv_flop
-
-from common.errors import UserError
 
 aten = torch.ops.aten
 CONVENTIONS = ("torch", "cirkd")
@@ -66,22 +66,61 @@ def _mapping(convention: str) -> dict:
     raise ValueError(f"FLOP convention must be one of {CONVENTIONS}, got {convention!r}")
 
 
-def _count(name: str, num_classes: int, input_size: tuple[int, int], device: str, convention: str) -> Complexity:
-    from common.models import build_model
+def cirkd_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Multiply-adds of ``model(x)`` as CIRKD's counter (cirkd.md §7.4): every Conv2d call adds
+    in·out·kh·kw·oh·ow / groups with oh = (H + 2p − kh)//s + 1 (dilation ignored), every Linear call its
+    weight's numel; nothing else counts. Runs one forward under ``torch.no_grad`` (use the meta device)."""
+    total = 0
 
+    def conv_hook(module, inputs, output):
+        nonlocal total
+        spatial = 1
+        for size, k, p, s in zip(inputs[0].shape[2:], module.kernel_size, module.padding, module.stride):
+            spatial *= (size + 2 * p - k) // s + 1
+        kernel = module.kernel_size[0] * module.kernel_size[1]
+        total += module.in_channels * module.out_channels * kernel * spatial // module.groups
+
+    def linear_hook(module, inputs, output):
+        nonlocal total
+        total += module.weight.numel()
+
+    handles = [m.register_forward_hook(conv_hook if isinstance(m, torch.nn.Conv2d) else linear_hook)
+               for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+def _build(name: str, num_classes: int):
+    from common.models.norm import ABN_NORMS
+    from common.models.registry import model_factory
+
+    factory = model_factory(name)
+    norm = inspect.signature(factory).parameters.get("norm")
+    if norm is not None and norm.default in ABN_NORMS:
+        return factory(num_classes=num_classes, norm="abn")
+    return factory(num_classes=num_classes)
+
+
+def _count(name: str, num_classes: int, input_size: tuple[int, int], device: str, convention: str) -> Complexity:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"FLOP convention must be one of {CONVENTIONS}, got {convention!r}")
     with torch.device(device):
-        try:  # the pure-PyTorch ABN: same parameters, and normalisation is not counted by FlopCounterMode
-            model = build_model(name, num_classes=num_classes, norm="bn")
-        except TypeError as err:
-            if "norm" not in str(err):
-                raise
-            model = build_model(name, num_classes=num_classes)
+        model = _build(name, num_classes)
         x = torch.zeros(1, 3, *input_size)
     model.eval()
     params = sum(p.numel() for p in model.parameters())
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_mapping(convention)) as counter:
-        model(x)
-    return Complexity(name, num_classes, tuple(input_size), params, int(counter.get_total_flops()), device, convention)
+    if convention == "cirkd":
+        flops = 2 * cirkd_macs(model, x)
+    else:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+        flops = int(counter.get_total_flops())
+    return Complexity(name, num_classes, tuple(input_size), params, flops, device, convention)
 
 
 @functools.cache
@@ -94,5 +133,5 @@ def model_complexity(name: str, num_classes: int = 19, input_size: tuple[int, in
         return None
     try:
         return _count(name, num_classes, tuple(input_size), "meta", convention)
-    except (RuntimeError, NotImplementedError, TypeError, UserError):
+    except (RuntimeError, NotImplementedError):
         return _count(name, num_classes, tuple(input_size), "cpu", convention)

@@ -40,7 +40,8 @@ def runs(root):
 
     city, out = str(root / "cityscapes"), root / "out"
     common = ["--num-steps", str(STEPS), "--batch-size", "2", "--device", "cpu", "--num-workers", "0", "--norm", "bn"]
-    psp = ["--data-dir", city, "--is-student-load-imgnet", "False", *common]
+    lists = ["--data-list", f"{city}/lists/train.lst", "--data-listval", f"{city}/lists/val.lst"]
+    psp = ["--data-dir", city, *lists, "--is-student-load-imgnet", "False", *common]
     return {
         "cwd_logits_kd_adv": (cwd_train.main, [
             *psp, "--T_ckpt_path", str(root / "pspnet_resnet101.pth"), "--input-size", "504,504",
@@ -62,7 +63,7 @@ def runs(root):
             "--num-steps", str(STEPS), "--batch-size", "2", "--input-size", "120,160", "--num-workers", "0",
             "--device", "cpu", "--random-mirror", "--snapshot-dir", str(out / "esp")], out / "esp" / "metrics.jsonl"),
         "train_baseline_r18": (train_baseline.main, [
-            "--model", "pspnet_resnet18", "--data-dir", city, "--input-size", "96,96", *common,
+            "--model", "pspnet_resnet18", "--data-dir", city, *lists, "--input-size", "96,96", *common,
             "--save-dir", str(out / "baseline")], out / "baseline" / "metrics.jsonl"),
     }
 

@@ -1,32 +1,29 @@
-"""Entry-point plumbing of the PSP-lineage distillation scripts: IFVD, CWD and the SKD journal code.
+"""The PSP-lineage recipe: what IFVD, CWD and the SKD journal code assemble from the rest of ``common``.
 
-specs/ifvd_skd.md §A.2.1, §A.3, §B.2.2, §B.3; specs/cwd.md §3.2. The three train scripts share the
-checks of the schedule and of the discriminator, building student, teacher and discriminator from
-their flags with clear errors, the Cityscapes loaders (resumable sampler, per-sample seeds, a
-loader generator so a resumed run draws the same worker seeds), the original per-step log line, the
-resumable training state, and a save point's weights, evaluation and ``results.json``
-(:class:`DistillRun`). What differs per paper (step indexing, save points and file names, teacher
-key layout, D optimizer, terms) stays in the paper's script and is passed in.
-
-Under torchrun the gradients of G and D are averaged over the ranks inside
-:class:`common.engine.distill.DistillStep` (:func:`common.engine.distill.average_gradients`).
+specs/ifvd_skd.md §A.2.1, §A.3, §A.4.6, §B.2.2, §B.3, §C.3–C.8; specs/cwd.md §3.2. The three train scripts
+share the checks of the schedule and of the discriminator; building student (PSPNet-R18), teacher
+(PSPNet-R101) and SAGAN discriminator from their flags with clear errors; the originals' solvers; the task
+loss CE + 0.4·CE_aux on the named outputs; the Cityscapes sets with the shipped lists; the original per-step
+log line; and a save point's weights, evaluation and ``results.json`` (:class:`DistillRun`). What differs per
+paper (step indexing, save points and file names, teacher key layout, D optimizer and call order, terms)
+stays in the paper's script and is passed in.
 """
 import itertools
-import json
 import time
 from pathlib import Path
 
-from torch.utils.data import DataLoader, Subset
-
-from common.datasets.cityscapes import CSTrainValSet
-from common.engine.checkpoint import atomic_save, load_training_state, save_training_state
+from common.datasets.cityscapes import CSTrainValSet, default_list
+from common.engine.checkpoint import atomic_save
+from common.engine.data import eval_loader
 from common.engine.dist import barrier
-from common.engine.options import resolve_list
-from common.engine.seed import ResumableSampler, SeededDataset, loader_generator, worker_init_fn
+from common.engine.lr import make_adam, make_sgd, poly_lr
+from common.engine.step import Adversary, Term
 from common.engine.trainer import HookBase
 from common.errors import UserError
 from common.evaluation import evaluate_main, write_results_json
+from common.losses import adversarial
 from common.losses.adversarial import check_adv_type
+from common.losses.segmentation import CriterionDSN
 from common.models import Discriminator, build_model
 from common.models.pspnet import output_side
 from common.models.weights import load_checkpoint, load_state_dict_strict
@@ -65,17 +62,15 @@ def check_adversarial(args, flag, crop):
         raise UserError(f"--preprocess-GAN-mode must be 1, 2 or 3, got {args.preprocess_GAN_mode}")
     sides = [output_side(c) for c in crop]
     if min(sides) < D_INPUT:
-        least = next(n for n in itertools.count(1) if output_side(n) >= D_INPUT)
+        least = smallest_adv_crop()
         raise UserError(f"{flag} needs logits of at least {D_INPUT}x{D_INPUT} for the discriminator, but --input-size "
                         f"{crop[0]},{crop[1]} gives {sides[0]}x{sides[1]}; use a crop of at least {least},{least} "
                         f"(the original 512,512 gives 65x65) or {flag} False")
 
 
-def rank_batch(batch_size, info):
-    """The per-process batch under torchrun: ``--batch-size`` is the total over the processes."""
-    if batch_size % info.world_size:
-        raise UserError(f"--batch-size {batch_size} must be divisible by the {info.world_size} processes")
-    return batch_size // info.world_size
+def smallest_adv_crop():
+    """The smallest crop side whose logits reach the discriminator's 64x64 (503: 512 gives 65x65)."""
+    return next(n for n in itertools.count(1) if output_side(n) >= D_INPUT)
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -133,6 +128,11 @@ def load_student(name, path, flag, hint, *, num_classes, norm, device):
 
 
 # ------------------------------------------------------------------------------------------------ data
+def resolve_list(path, split, data_dir):
+    """``path`` if given, else the shipped ``<split>.lst`` (or ``<data_dir>/lists/<split>.lst``)."""
+    return path if path else default_list(split, root=data_dir)
+
+
 def train_val_sets(args, *, crop=None, lists=resolve_list, ignore_label=255, **train_kw):
     """The training set (the list repeated to num-steps·batch samples, §C.5) and the whole-image val set.
 
@@ -147,22 +147,6 @@ def train_val_sets(args, *, crop=None, lists=resolve_list, ignore_label=255, **t
     return train_set, val_set
 
 
-def train_loader(dataset, *, seed, batch, start, info, num_workers):
-    """One fixed shuffle from ``seed``, started at sample ``start`` (resume), this rank's shard of it."""
-    dataset = SeededDataset(dataset, seed)
-    sampler = ResumableSampler(len(dataset), seed, start=start, rank=info.rank, world_size=info.world_size)
-    return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=num_workers,
-                      pin_memory=info.device.type == "cuda", drop_last=False, worker_init_fn=worker_init_fn,
-                      generator=loader_generator(seed))
-
-
-def eval_loader(dataset, info=None):
-    """One image per batch, in list order; under torchrun each rank takes every world-size-th image."""
-    if info is not None and info.world_size > 1:
-        dataset = Subset(dataset, range(info.rank, len(dataset), info.world_size))
-    return DataLoader(dataset, batch_size=1, shuffle=False, num_workers=0)
-
-
 def evaluate_split(model, dataset, *, num_classes, device, mode, outputs_dir):
     """Whole image, scale 1.0, no flip (§C.6): mode "val" scores ``dataset`` (trainId PNGs into ``outputs_dir``),
     mode "test" only writes labelId PNGs for the server."""
@@ -170,108 +154,105 @@ def evaluate_split(model, dataset, *, num_classes, device, mode, outputs_dir):
                          output_dir=outputs_dir or None)
 
 
-# ------------------------------------------------------------------------------------------------- run
-def method_name(flags, *, sep="_", full=None):
-    """``results.json`` method from the ``(name, on)`` terms: ``full`` when all are on, else the names that
-    are on joined by ``sep``, or "baseline" for none."""
-    parts = [name for name, on in flags if on]
-    if full is not None and len(parts) == len(flags):
-        return full
-    return sep.join(parts) or "baseline"
+# ------------------------------------------------------------------------------------------------ step
+def task_term(ignore_index=255, aux_weight=0.4):
+    """The task loss ``CE(logits) + 0.4·CE(aux)`` (``CriterionDSN``, §C.2) on the named outputs, logged as "mc"."""
+    dsn = CriterionDSN(ignore_index=ignore_index, aux_weight=aux_weight)
+    return Term("mc", 1.0, lambda logits, aux, labels: dsn([logits, aux], labels), ("s.logits", "s.aux", "labels"))
 
 
-def run_fields(paper, method, args, *, crop, teacher, extra):
-    """The ``results.json`` fields a training run knows before its first evaluation (DESIGN.md, Results)."""
-    return {"paper": paper, "method": method, "model": STUDENT, "dataset": "cityscapes", "split": "val",
-            "iterations": args.num_steps, "crop": list(crop), "batch": args.batch_size, "seed": args.seed,
-            "teacher": teacher, "extra": extra}
+def build_g_optimizer(student, extra_modules=(), lr=0.01, momentum=0.9, weight_decay=5e-4):
+    """The originals' ``G_solver``: SGD over the student's trainable parameters (group 0), each extra
+    module (e.g. CWD's feature adapter) as one more group with the same lr, momentum and weight decay
+    (specs/cwd.md §5.3). Every group carries ``initial_lr``."""
+    extra = [{"params": [p for p in m.parameters() if p.requires_grad]} for m in extra_modules]
+    return make_sgd(student.parameters(), lr, momentum=momentum, weight_decay=weight_decay, extra_groups=extra)
 
 
-def load_run_state(path, step):
-    """Restore a ``training_state.pth`` into the step's models and optimizers; returns its dict (step, extra)."""
-    return load_training_state(path, step.state_models(), step.state_optimizers())
+def build_d_optimizer(discriminator, kind="adam", lr=4e-4, betas=(0.9, 0.99), momentum=0.9, weight_decay=0.0):
+    """The ``D_solver`` over D's trainable parameters (the spectral-norm u/v vectors are excluded).
+
+    ``kind="adam"``: IFVD/CWD, Adam(lr, betas), no weight decay. ``kind="sgd"``: SKD, SGD(lr,
+    momentum, weight_decay = G's) (specs/ifvd_skd.md §C.8).
+    """
+    if kind == "adam":
+        return make_adam(discriminator.parameters(), lr, betas=betas, weight_decay=weight_decay)
+    if kind == "sgd":
+        return make_sgd(discriminator.parameters(), lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"build_d_optimizer: kind must be 'adam' or 'sgd', got {kind!r}")
 
 
-def log_args(logger, args):
-    """The originals' ``key : value`` lines of the sorted arguments at the top of the log."""
-    for key, value in sorted(vars(args).items()):
-        logger.debug(f"{key} : {value}")
-
-
-def write_args_json(folder, args, fields, info):
-    """``<folder>/args.json``: the arguments and the run's results fields (val.py reads them back)."""
-    if info.is_main:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        (Path(folder) / "args.json").write_text(json.dumps({**vars(args), "run_info": fields}, indent=2) + "\n")
+def build_adversary(args, discriminator, optimizer, *, lambda_adv, order):
+    """The holistic / adversarial part (§C.4) on the logits: ``lambda_adv``·G term, ``--lambda-d``·(D loss
+    + ``--lambda-gp``·GP for wgan-gp); ``order`` is the D step's call order of the original."""
+    return Adversary(discriminator, optimizer, args.lr_d, adversarial, adv_type=args.adv_loss_type,
+                     lambda_adv=lambda_adv, lambda_d=args.lambda_d, lambda_gp=args.lambda_gp, order=order)
 
 
 class OriginalLogLine(HookBase):
-    """The originals' per-step log-file line ``step G_lr G_loss(mc <terms>) D_lr D_loss``.
+    """The originals' per-step log-file line
+    ``step:{:5d} G_lr:{:.6f} G_loss:{:.5f}(mc:{:.5f} <terms>) D_lr:{:.6f} D_loss:{:.5f}``.
 
     ``names``: the terms printed after ``mc`` (IFVD kd adv ifv, §A.2.1 step 7.4; SKD pixelwise pairwise,
-    §B.2.2 step 6.4; CWD kd adv cwd, cwd.md §3.2 e). ``one_based``: SKD prints ``step + 1`` unpadded.
-    ``lr_group``: the param group whose lr is printed (CWD prints the last one).
+    §B.2.2 step 6.4; CWD kd adv cwd, cwd.md §3.2 e), with five decimals and ``last_digits`` for the last
+    one (IFVD/CWD print it with six). ``one_based``: SKD numbers the step from 1. ``lr_group``: the param
+    group whose lr is printed (CWD prints the last one). Without a discriminator the originals still decayed
+    and printed the D lr: ``d_lr(step_index)`` gives it.
     """
 
-    def __init__(self, logger, step, names, *, one_based=False, lr_group=0):
+    def __init__(self, logger, step, names, *, d_lr, one_based=False, lr_group=0, last_digits=5):
         self.logger = logger
         self.step = step
         self.names = tuple(names)
+        self.d_lr = d_lr
         self.one_based = one_based
         self.lr_group = lr_group
+        self.last_digits = last_digits
 
     def after_step(self):
         t, losses = self.trainer, self.trainer.losses
-        g_lr = self.step.g_optimizer.param_groups[self.lr_group]["lr"]
-        d_opt = self.step.d_optimizer
-        d_lr = d_opt.param_groups[self.lr_group]["lr"] if d_opt is not None else 0.0
-        n = f"{t.step + 1}" if self.one_based else f"{t.step:5d}"
-        terms = " ".join(f"{name}:{losses.get(name, 0.0):.5f}" for name in self.names)
-        self.logger.debug(f"step:{n} G_lr:{g_lr:.6f} G_loss:{losses['loss_G']:.5f}(mc:{losses['mc']:.5f} {terms}) "
-                          f"D_lr:{d_lr:.6f} D_loss:{losses['loss_D']:.5f}")
+        g_lr = self.step.optimizer.param_groups[self.lr_group]["lr"]
+        adversary = self.step.adversary
+        d_lr = adversary.optimizer.param_groups[self.lr_group]["lr"] if adversary is not None else self.d_lr(t.step)
+        digits = [5] * (len(self.names) - 1) + [self.last_digits]
+        terms = " ".join(f"{name}:{losses.get(name, 0.0):.{d}f}" for name, d in zip(self.names, digits))
+        self.logger.debug(f"step:{t.step + self.one_based:5d} G_lr:{g_lr:.6f} G_loss:{losses['loss_G']:.5f}"
+                          f"(mc:{losses['mc']:.5f} {terms}) D_lr:{d_lr:.6f} D_loss:{losses['loss_D']:.5f}")
 
 
-class StateEvery(HookBase):
-    """``save_state(n)`` every ``every`` completed steps (0: never), except where ``skip(n)`` (the save
-    points write the state themselves)."""
-
-    def __init__(self, save_state, every, skip):
-        self.save_state = save_state
-        self.every = every
-        self.skip = skip
-
-    def after_step(self):
-        n = self.trainer.step + 1
-        if self.every and n % self.every == 0 and not self.skip(n):
-            self.save_state(n)
+def decayed_lr(base_lr, num_steps, power, first_index=0):
+    """``step_index -> poly(base_lr)`` with the lineage's step indexing (§C.7), for :class:`OriginalLogLine`."""
+    return lambda step: poly_lr(base_lr, step + first_index, num_steps, power)
 
 
 class DistillRun:
-    """The files of one distillation run: training state, weights, val evaluations and ``results.json``.
+    """The files of one distillation run: weights at the save points, val evaluations and ``results.json``.
 
     Rank 0 writes; every rank evaluates its shard of val (the metric sums are reduced over ranks).
-    ``fields`` are the run's results fields (:func:`run_fields`), ``state_extra`` goes into the state.
+    ``state`` is the run's :class:`~common.recipes.run.RunState`, ``fields`` its results fields
+    (:func:`common.recipes.run.run_fields`).
     """
 
-    def __init__(self, step, info, logger, vloader, *, num_classes, outputs_dir, state_path, state_extra, fields,
-                 results_path):
+    def __init__(self, step, state, info, logger, vloader, *, num_classes, outputs_dir, fields, results_path):
         self.step = step
+        self.state = state
         self.info = info
         self.logger = logger
         self.vloader = vloader
         self.num_classes = num_classes
         self.outputs_dir = outputs_dir or None
-        self.state_path = state_path
-        self.state_extra = state_extra
         self.fields = fields
-        self.results_path = results_path
+        self.results_path = Path(results_path)
         self.started = time.perf_counter()
 
-    def save_state(self, n):
-        """``training_state.pth`` after ``n`` completed steps (models, optimizers, RNG, data position)."""
+    def save_weights(self, n, prefix):
+        """IFVD/CWD save point (§A.2.1 step 7.5): ``<prefix>_G.pth`` (+ ``_D.pth`` with a discriminator) and
+        the training state."""
         if self.info.is_main:
-            save_training_state(self.state_path, step=n, models=self.step.state_models(),
-                                optimizers=self.step.state_optimizers(), extra=self.state_extra)
+            atomic_save(self.step.student.state_dict(), f"{prefix}_G.pth")
+            if self.step.adversary is not None:
+                atomic_save(self.step.adversary.discriminator.state_dict(), f"{prefix}_D.pth")
+        self.state.save(n)
 
     def evaluate(self):
         """Whole-image val evaluation of the student (§C.6), prediction PNGs into ``outputs_dir``."""
@@ -285,15 +266,10 @@ class DistillRun:
             fields["extra"] = {**fields["extra"], **extra, "train_wall_time_s": time.perf_counter() - self.started}
             write_results_json(self.results_path, **fields)
 
-    def save_and_evaluate(self, n, prefix):
-        """IFVD/CWD save point (§A.2.1 step 7.5): ``<prefix>_G.pth`` (+ ``_D.pth`` with a discriminator) and
-        the state, then the val evaluation, its log line and ``results.json``."""
-        if self.info.is_main:
-            atomic_save(self.step.student.state_dict(), f"{prefix}_G.pth")
-            if self.step.discriminator is not None:
-                atomic_save(self.step.discriminator.state_dict(), f"{prefix}_D.pth")
-        self.save_state(n)
+    def evaluate_point(self, n):
+        """IFVD/CWD evaluation at a save point: the val mIoU, its original log line and ``results.json``."""
         result = self.evaluate()
         self.logger.info(f"mean_IU: {result.miou:.6f}  IU_array: {result.iou.tolist()}")
         self.write_results(n, result)
         barrier()
+        return result.miou
