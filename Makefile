@@ -29,6 +29,12 @@ test: setup build-abn
 demo: setup build-abn
 	$(PY) -m cwd.demo
 
+# SKD's released CamVid ESPNets fine-tuned with and without their distilled teacher (skd/demo_camvid.py);
+# needs CAMVID=<CamVid root> and SKD_CKPT=<folder with base_57.8.pth and SD+KD+CITY_65.1.pth>.
+.PHONY: demo-camvid
+demo-camvid: setup
+	$(PY) -m skd.demo_camvid
+
 bench: setup build-abn
 	$(PY) -m bench
 

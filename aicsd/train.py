@@ -28,6 +28,8 @@ from common.recipes.run import RunState, log_args
 def parser():
     p = argparse.ArgumentParser(description="PyTorch DeeplabV3Plus Training")
     aicsd.add_common_flags(p, kd=False)
+    p.add_argument("--results-method", default=None,
+                   help="added: the method name in results.json (default: teacher for resnet101, else baseline)")
     return p
 
 
@@ -80,7 +82,7 @@ def main(argv=None):
     logger.info(f"{len(train_set)} training and {len(val_set)} val images, {ipe} iterations per epoch")
     aicsd.write_args(saver.experiment_dir, args, info)
 
-    method = "teacher" if args.backbone == "resnet101" else "baseline"
+    method = args.results_method or ("teacher" if args.backbone == "resnet101" else "baseline")
     fields = aicsd.run_fields(args, method, model_name(args.backbone),
                               extra={"loss_type": args.loss_type, "ce_batch_average": args.ce_batch_average})
 

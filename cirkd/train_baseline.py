@@ -51,10 +51,11 @@ def build_parser():
 def run_info(args, name, crop):
     """``results.json`` fields: a ResNet-101 run is the teacher, the others baselines."""
     method = "teacher" if args.backbone == "resnet101" else "baseline"
+    imagenet = cirkd.none_path(args.pretrained_base)
     return run_fields("cirkd", method, model=name, dataset=cirkd.DATASET_NAMES[args.dataset],
                       iterations=args.max_iterations, crop=crop, batch=args.batch_size, seed=args.seed,
                       teacher=None, extra={"cirkd_model": args.model, "backbone": args.backbone, "lr": args.lr,
-                          "pretrained_base": cirkd.none_path(args.pretrained_base)})
+                                           "pretrained_base": imagenet, "imagenet_init": imagenet is not None})
 
 
 @main_guard

@@ -37,7 +37,7 @@ BENCH_ROUNDS = 10
 # Cityscapes flags (--data-dir, --data-list, --data-listval), {cityscapes} / {camvid} = the dataset roots,
 # {t101} = a PSPNet-R101 state_dict, {t101_toolbox} = the same in the toolbox key layout (SKD), {r18_imagenet} =
 # deep-stem ResNet-18 backbone weights, {esp_teacher} = an ESPNet-C state_dict, {cirkd_teacher} = a
-# DeepLabV3-R101 state_dict, {aicsd_teacher} = a DeepLabV3+-R101 state_dict (both written when those models are
+# DeepLabV3-R101 state_dict, {aicsd_teacher} = a DeepLabV3+-R101 train.py checkpoint (both written when those models are
 # registered), {out} = the entry's own folder. The rows of the CIRKD and AICSD scripts follow their specs'
 # flags (cirkd.md §1.2-1.3, aicsd.md §2.1-2.2); whoever adds a script checks its row.
 # The 512x512 crops give the 65x65 logits the discriminators need, so the adversarial paths run too.
@@ -120,8 +120,9 @@ def run_stage(name, cmd, env, cwd, log_dir, show_output=False, timeout=900):
         proc = subprocess.run([str(c) for c in cmd], env=env, cwd=cwd, capture_output=True, text=True,
                               timeout=timeout)
         output, code = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as err:
-        output, code = f"{err.stdout or ''}{err.stderr or ''}\ntimed out after {timeout} s", -1
+    except subprocess.TimeoutExpired as err:  # its captured output may be bytes even with text=True
+        partial = [x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (err.stdout, err.stderr)]
+        output, code = f"{''.join(partial)}\ntimed out after {timeout} s", -1
     seconds = time.perf_counter() - start
     log = Path(log_dir) / f"{name.replace('/', '_').replace(' ', '_')}.log"
     log.write_text(output)
@@ -177,9 +178,10 @@ def make_inputs(work):
     r18 = build_model("pspnet_resnet18").state_dict()
     torch.save({k: v for k, v in r18.items() if k.startswith(("conv", "bn", "layer"))}, work / "r18_imagenet.pth")
     torch.save(build_model("espnet_c", num_classes=11).state_dict(), work / "esp_teacher.pth")
-    for name, model in (("cirkd_teacher", "deeplabv3_resnet101"), ("aicsd_teacher", "deeplabv3plus_resnet101")):
-        if model in list_models():
-            torch.save(build_model(model).state_dict(), work / f"{name}.pth")
+    if "deeplabv3_resnet101" in list_models():
+        torch.save(build_model("deeplabv3_resnet101").state_dict(), work / "cirkd_teacher.pth")
+    if "deeplabv3plus_resnet101" in list_models():  # AICSD reads train.py's {'state_dict': ...} checkpoints
+        torch.save({"state_dict": build_model("deeplabv3plus_resnet101").state_dict()}, work / "aicsd_teacher.pth")
     lists = city / "lists"
     return {"city": f"--data-dir {city} --data-list {lists / 'train.lst'} --data-listval {lists / 'val.lst'}",
             "cityscapes": str(city), "camvid": str(camvid), "t101": str(work / "t101.pth"),

@@ -88,7 +88,9 @@ def output_file(path, flag):
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{flag} {path} is a folder; pass a file path")
-    output_dir(path.parent, f"the folder of {flag}")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise UserError(f"{flag} {path} cannot be written: {path.parent} is a file, not a folder; pass another path")
+    output_dir(path.parent, f"{flag} folder")
     return path
 
 

@@ -42,7 +42,7 @@ from common.errors import UserError, main_guard
 from common.numerics import resolve_amp, set_tf32
 from common.recipes import psp
 from common.recipes.options import add_runtime_flags, size_pair
-from common.recipes.run import RunState, has_results, log_args
+from common.recipes.run import RunState, has_results, log_args, prepare_run_dir, seed_rank
 
 STATE_NAME = "training_state.pth"
 
@@ -51,22 +51,24 @@ def get_parser():
     p = argparse.ArgumentParser(prog="python -m common.train_baseline", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="pspnet_resnet101", help="registered model name (common.models)")
-    p.add_argument("--num-classes", type=int, default=19)
+    p.add_argument("--num-classes", type=int, default=19, help="number of classes")
     p.add_argument("--restore-from", default=None, help="ImageNet backbone weights (e.g. resnet101-imagenet.pth)")
     p.add_argument("--data-dir", default=os.environ.get("CITYSCAPES"), help="Cityscapes root (default $CITYSCAPES)")
     p.add_argument("--data-list", default=None, help="train list (default: the shipped train.lst)")
     p.add_argument("--data-listval", default=None, help="val list (default: the shipped val.lst)")
-    p.add_argument("--ignore-label", type=int, default=255)
+    p.add_argument("--ignore-label", type=int, default=255, help="label value ignored by the loss and the metric")
     p.add_argument("--input-size", type=size_pair, default=(769, 769), help="train crop H,W")
     p.add_argument("--batch-size", type=int, default=8, help="total over all processes")
-    p.add_argument("--num-steps", type=int, default=40000)
-    p.add_argument("--learning-rate", type=float, default=1e-2)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--power", type=float, default=0.9)
-    p.add_argument("--random-scale", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--random-mirror", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--save-dir", default="snapshots")
+    p.add_argument("--num-steps", type=int, default=40000, help="training steps")
+    p.add_argument("--learning-rate", type=float, default=1e-2, help="SGD learning rate (poly schedule)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
+    p.add_argument("--power", type=float, default=0.9, help="poly learning-rate power")
+    p.add_argument("--random-scale", action=argparse.BooleanOptionalAction, default=True,
+                   help="random rescale of the training crops")
+    p.add_argument("--random-mirror", action=argparse.BooleanOptionalAction, default=True,
+                   help="random horizontal flip")
+    p.add_argument("--save-dir", default="snapshots", help="output folder (state, weights, results.json, logs)")
     p.add_argument("--save-every", type=int, default=2000, help="write training_state.pth every N steps (0: end only)")
     add_runtime_flags(p, training=True, seed_help="seed of random/numpy/torch", added="")
     p.add_argument("--log-every", type=int, default=20, help="console line every N steps")
@@ -80,8 +82,8 @@ def _check_args(args):
     for name in ("num_steps", "batch_size"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.save_every < 0 or args.num_workers < 0:
-        raise UserError("--save-every and --num-workers must be >= 0")
+    if args.save_every < 0:
+        raise UserError(f"--save-every must be >= 0, got {args.save_every}")
     if not args.data_dir:
         raise UserError("no Cityscapes root given; pass --data-dir or set CITYSCAPES")
     if not Path(args.data_dir).is_dir():
@@ -111,7 +113,7 @@ def main(argv=None):
     info = init_distributed(args.device)
     device = info.device
     batch = rank_batch(args.batch_size, info)
-    save_dir = Path(args.save_dir)
+    save_dir = prepare_run_dir(args.save_dir, "--save-dir", info)
     train_set, val_set = psp.train_val_sets(args, ignore_label=args.ignore_label)
     model = build_model(args.model, num_classes=args.num_classes, norm=args.norm,
                         pretrained_backbone=args.restore_from).to(device)
@@ -124,6 +126,7 @@ def main(argv=None):
                      run={"model": args.model, "seed": args.seed, "num_steps": args.num_steps,
                           "batch_size": args.batch_size, "world_size": info.world_size}, extra={"elapsed_s": 0.0})
     start_step = state.resume(args.resume) if args.resume else 0
+    seed_rank(args.seed, info, start_step)
     elapsed_before = float(state.extra["elapsed_s"])
     logger = RunLogger(save_dir, "train_baseline", enabled=info.is_main, start_step=start_step)
     log_args(logger, args)

@@ -1,12 +1,13 @@
 """``python -m cwd.demo`` (``make demo``): the whole CWD pipeline at demo scale on synthetic Cityscapes.
 
 1. write a synthetic Cityscapes to ``demo_data/cityscapes`` (common.datasets.synthetic);
-2. train the PSPNet-R101 teacher with the baseline trainer on its own, longer schedule and larger crop
-   (``demo_runs/teacher/teacher_city.pth``); it is cached: a later run with the same teacher schedule skips it;
+2. train the teacher with the baseline trainer on its own, longer schedule and larger crop
+   (``demo_runs/teacher/teacher_city.pth``; :data:`TEACHER`); it is cached: a later run with the same teacher
+   schedule skips it;
 3. train the PSPNet-R18 student without distillation, the table's "Student" row (``demo_runs/baseline``);
-4. run the README command ``bash cwd/exp_cwd.sh channel kl 3 4 False False False v1`` under the demo
-   preset (``SEGKD_DEMO=1``: the demo data and teacher, the student schedule below; every other setting is
-   the original's), which trains and then evaluates into
+4. run the README command ``bash cwd/exp_cwd.sh channel kl 3 4 False False False v1 --teacher-model ...``
+   under the demo preset (``SEGKD_DEMO=1``: the demo data and teacher, the student schedule :data:`STUDENT`;
+   every other setting is the original's), which trains and then evaluates into
    ``demo_runs/cwd/ckpt/False_False_False_channel_kl_3_4_v1/`` (test.out, results.json). Baseline and CWD
    student share the schedule (steps, crop, batch), the seed and therefore the initial weights and the data
    order: the only difference is the distillation term;
@@ -44,8 +45,11 @@ from cwd.options import DEMO_DATA_DIR, DEMO_TEACHER
 REPO = Path(__file__).resolve().parents[1]
 DEMO_SPLITS = {"train": 24, "val": 6, "test": 2}
 DEMO_SIZE = (128, 256)
-TEACHER = {"steps": 300, "crop": (64, 64), "batch": 4}
-STUDENT = {"steps": 100, "crop": (96, 96), "batch": 4}
+# The teacher: the student's architecture trained 4x longer on 1.8x larger crops (cwd/train.py --teacher-model);
+# a PSPNet-R101 from random init learns too slowly for a CPU demo (17.3 mIoU after 300 steps at 64x64, weaker
+# than this student).
+TEACHER = {"model": "pspnet_resnet18", "steps": 400, "crop": (128, 128), "batch": 4}
+STUDENT = {"model": "pspnet_resnet18", "steps": 100, "crop": (96, 96), "batch": 4}
 SEED = 0
 COMMAND = ["channel", "kl", "3", "4", "False", "False", "False", "v1"]
 RUN_NAME = "False_False_False_channel_kl_3_4_v1"
@@ -62,8 +66,9 @@ def run(cmd, env, cwd, title):
     print(f"--- {title}: {time.perf_counter() - start:.0f} s", flush=True)
 
 
-def baseline_cmd(model, method, data, out, schedule, device, mirror):
-    return [sys.executable, "-m", "common.train_baseline", "--model", model, "--paper", "cwd", "--method", method,
+def baseline_cmd(method, data, out, schedule, device, mirror):
+    return [sys.executable, "-m", "common.train_baseline", "--model", schedule["model"], "--paper", "cwd",
+            "--method", method,
             "--data-dir", data, "--data-list", data / "lists" / "train.lst",
             "--data-listval", data / "lists" / "val.lst", "--input-size", "{},{}".format(*schedule["crop"]),
             "--batch-size", schedule["batch"], "--num-steps", schedule["steps"], "--seed", SEED,
@@ -72,13 +77,13 @@ def baseline_cmd(model, method, data, out, schedule, device, mirror):
 
 
 def is_done(run_dir, schedule):
-    """Whether ``run_dir`` holds a finished run (results.json) of exactly this schedule and the demo seed."""
+    """Whether ``run_dir`` holds a finished run (results.json) of exactly this model, schedule and seed."""
     path = run_dir / "results.json"
     if not path.is_file():
         return False
     result = read_results(path)
-    return (result["iterations"], tuple(result["crop"]), result["batch"], result["seed"]) == (
-        schedule["steps"], schedule["crop"], schedule["batch"], SEED)
+    return (result["model"], result["iterations"], tuple(result["crop"]), result["batch"], result["seed"]) == (
+        schedule["model"], schedule["steps"], schedule["crop"], schedule["batch"], SEED)
 
 
 def colourise(label):
@@ -147,8 +152,8 @@ def main(argv=None):
     teacher_dir = runs / "teacher"
     if args.force or not teacher.is_file() or not is_done(teacher_dir, TEACHER):
         shutil.rmtree(teacher_dir, ignore_errors=True)
-        run(baseline_cmd("pspnet_resnet101", "teacher", data, teacher_dir, TEACHER, args.device, mirror=True), env,
-            REPO, f"teacher PSPNet-R101, {TEACHER['steps']} steps, crop {TEACHER['crop']}, random mirror")
+        run(baseline_cmd("teacher", data, teacher_dir, TEACHER, args.device, mirror=True), env, REPO,
+            f"teacher {TEACHER['model']}, {TEACHER['steps']} steps, crop {TEACHER['crop']}, random mirror")
         shutil.copy(teacher_dir / f"CS_scenes_{TEACHER['steps']}.pth", teacher)
     else:
         print(f"=== teacher: cached {teacher} ({TEACHER['steps']} steps; --force retrains it)", flush=True)
@@ -156,8 +161,8 @@ def main(argv=None):
     baseline_dir = runs / "baseline"
     if args.force or not is_done(baseline_dir, STUDENT):
         shutil.rmtree(baseline_dir, ignore_errors=True)
-        run(baseline_cmd("pspnet_resnet18", "baseline", data, baseline_dir, STUDENT, args.device, mirror=False), env,
-            REPO, f"student PSPNet-R18 without distillation, {STUDENT['steps']} steps")
+        run(baseline_cmd("baseline", data, baseline_dir, STUDENT, args.device, mirror=False), env, REPO,
+            f"student {STUDENT['model']} without distillation, {STUDENT['steps']} steps")
     else:
         print(f"=== baseline student: cached {baseline_dir} (--force retrains it)", flush=True)
 
@@ -166,7 +171,8 @@ def main(argv=None):
     demo_env = {**env, "CITYSCAPES": str(data), "SEGKD_DEMO_TEACHER": str(teacher), "PYTHON": sys.executable,
                 "SEGKD_DEMO_STEPS": str(STUDENT["steps"]), "SEGKD_DEMO_CROP": "{},{}".format(*STUDENT["crop"]),
                 "SEGKD_DEMO_BATCH": str(STUDENT["batch"])}
-    run(["bash", REPO / "cwd" / "exp_cwd.sh", *COMMAND, "--device", args.device, "--seed", str(SEED)], demo_env,
+    run(["bash", REPO / "cwd" / "exp_cwd.sh", *COMMAND, "--teacher-model", TEACHER["model"], "--device", args.device,
+         "--seed", str(SEED)], demo_env,
         runs / "cwd", f"bash cwd/exp_cwd.sh {' '.join(COMMAND)} (demo preset, {STUDENT['steps']} steps)")
 
     print("\n=== CWD table (reported = paper; demo-scale = this demo, synthetic data, NOT a reproduction) ===",
@@ -176,8 +182,9 @@ def main(argv=None):
 
     miou = {}
     print("\nDemo-scale val mIoU on the synthetic images (not comparable with the paper's Cityscapes numbers):")
-    for key, label, path in (("teacher", "teacher PSPNet-R101", teacher_dir), ("baseline", "student, no distillation",
-                             baseline_dir), ("cwd", "student, CWD (channel kl 3 4)", cwd_run)):
+    for key, label, path in ((("teacher", f"teacher {TEACHER['model']}", teacher_dir),
+                              ("baseline", "student, no distillation", baseline_dir),
+                              ("cwd", "student, CWD (channel kl 3 4)", cwd_run))):
         result = read_results(path / "results.json")
         miou[key] = 100 * result["miou"]
         print(f"  {label:31s} {miou[key]:6.2f}   ({result['iterations']} steps, crop "
@@ -186,10 +193,10 @@ def main(argv=None):
           f"CWD - baseline {miou['cwd'] - miou['baseline']:+.2f}")
 
     last = STUDENT["steps"] - 1
-    models = {"teacher": load_model("pspnet_resnet101", teacher, "demo teacher"),
-              "baseline": load_model("pspnet_resnet18", baseline_dir / f"CS_scenes_{STUDENT['steps']}.pth",
+    models = {"teacher": load_model(TEACHER["model"], teacher, "demo teacher"),
+              "baseline": load_model(STUDENT["model"], baseline_dir / f"CS_scenes_{STUDENT['steps']}.pth",
                                      "demo baseline"),
-              "CWD": load_model("pspnet_resnet18", cwd_run / f"city_{last}_G.pth", "demo CWD student")}
+              "CWD": load_model(STUDENT["model"], cwd_run / f"city_{last}_G.pth", "demo CWD student")}
     picture = write_predictions(runs / "cwd" / "predictions.png", data, models)
     print(f"demo finished in {time.perf_counter() - start:.0f} s; run folder {cwd_run}")
     print(f"predictions of {PICTURE_IMAGES} val images (image | ground truth | teacher | baseline | CWD): {picture}")

@@ -5,7 +5,8 @@
 #   e.g. bash cwd/exp_cwd.sh channel kl 3 4 False False False v1      (CWD on the logits)
 #        bash cwd/exp_cwd.sh channel kl 3 4 True True False v1        (+ pixel KD + GAN)
 #
-# Trains into ckpt/<KD>_<ADV>_<FEAT>_<NORM>_<DIV>_<WEIGHT>_<T>_<VERSION>/ and then evaluates the last
+# Trains into ckpt/<KD>_<ADV>_<FEAT>_<NORM>_<DIV>_<WEIGHT>_<T>_<VERSION>/ (or where --save-dir /
+# --save-name among the train.py flags put it) and then evaluates the last
 # student checkpoint with val.py into test.out and results.json there (the original had that val line
 # commented out). The dataset root comes from $CITYSCAPES (default ./demo_data/cityscapes when
 # SEGKD_DEMO=1); $PYTHON picks the interpreter (default: python), $LAUNCHER the training launcher
@@ -58,20 +59,33 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PYTHON=${PYTHON:-python}
 LAUNCHER=${LAUNCHER:-$PYTHON}
 NAME=${KD}_${ADV}_${FEAT}_${NORM}_${DIVERGENCE}_${WEIGHT}_${TEMPERATURE}_${VERSION}
+# train.py takes the last --save-dir / --save-name given; the evaluation below looks where it saved
+SAVE_DIR=ckpt
+RUN_NAME=$NAME
+ARGS=("$@")
+for ((i = 0; i < ${#ARGS[@]}; i++)); do
+    case "${ARGS[i]}" in
+        --save-dir) SAVE_DIR=${ARGS[i + 1]:-$SAVE_DIR} ;;
+        --save-dir=*) SAVE_DIR=${ARGS[i]#--save-dir=} ;;
+        --save-name) RUN_NAME=${ARGS[i + 1]:-$RUN_NAME} ;;
+        --save-name=*) RUN_NAME=${ARGS[i]#--save-name=} ;;
+    esac
+done
+RUN=$SAVE_DIR/$RUN_NAME
 
 $LAUNCHER "$HERE/train.py" --kd "$KD" --adv "$ADV" --cwd True --cwd-feat "$FEAT" --temperature "$TEMPERATURE" \
     --norm-type "$NORM" --divergence "$DIVERGENCE" --lambda-cwd "$WEIGHT" --data-dir "$CITYSCAPES" \
     --save-name "$NAME" --gpu 0 "$@"
 
 LAST=-1
-for f in ckpt/"$NAME"/city_*_G.pth; do
+for f in "$RUN"/city_*_G.pth; do
     [ -e "$f" ] || continue
     n=${f##*/city_}
     n=${n%_G.pth}
     if [[ "$n" =~ ^[0-9]+$ ]] && [ "$n" -gt "$LAST" ]; then LAST=$n; fi
 done
-[ "$LAST" -ge 0 ] || { echo "error: no student checkpoint ckpt/$NAME/city_*_G.pth after training" >&2; exit 1; }
-$PYTHON "$HERE/val.py" --data-dir "$CITYSCAPES" --restore-from "ckpt/$NAME/city_${LAST}_G.pth" --gpu 0 \
-    > "ckpt/$NAME/test.out"
-echo "val: ckpt/$NAME/test.out, ckpt/$NAME/results.json"
-tail -n 6 "ckpt/$NAME/test.out"
+[ "$LAST" -ge 0 ] || { echo "error: no student checkpoint $RUN/city_*_G.pth after training" >&2; exit 1; }
+$PYTHON "$HERE/val.py" --data-dir "$CITYSCAPES" --restore-from "$RUN/city_${LAST}_G.pth" --gpu 0 \
+    > "$RUN/test.out"
+echo "val: $RUN/test.out, $RUN/results.json"
+tail -n 6 "$RUN/test.out"

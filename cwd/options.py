@@ -126,10 +126,10 @@ def eval_parser(kind):
     p = argparse.ArgumentParser(prog=f"python cwd/{kind}.py",
                                 description=f"{'Evaluate' if kind == 'val' else 'Write test-server predictions of'} "
                                             "a CWD student checkpoint.")
-    p.add_argument("--data-dir", type=str, default="/workdir/cityscapes", help='Cityscapes root')
+    p.add_argument("--data-dir", type=str, default="/workdir/cityscapes", help="Cityscapes root")
     p.add_argument("--data-list", type=str, default=None,
                    help=f"original ./dataset/list/cityscapes/{kind}.lst; default: the shipped list")
-    p.add_argument("--num_classes", type=int, default=19, help='number of classes (19)')
+    p.add_argument("--num_classes", type=int, default=19, help="number of classes (19)")
     p.add_argument("--restore-from", type=str, default="", help="student checkpoint (city_39999_G.pth)")
     p.add_argument("--gpu", type=str, default="None", help="accepted for compatibility; use --device")
     add_runtime_flags(p, outputs="prediction PNG folder (original ./outputs)")

@@ -12,6 +12,8 @@ if __package__ in (None, ""):
 from common.datasets.cityscapes import CSTestSet
 from common.engine import resolve_device
 from common.errors import main_guard
+from common.io import output_dir
+from common.numerics import set_tf32
 from common.recipes import psp
 from cwd.options import eval_parser, resolve_list
 from cwd.val import load_student
@@ -22,7 +24,10 @@ def main(argv=None):
     args = eval_parser("test").parse_args(argv)
     for key, value in sorted(vars(args).items()):
         print(f"{key} : {value}")
+    set_tf32(args.tf32)
     device = resolve_device(args.device)
+    if args.outputs_dir:
+        output_dir(args.outputs_dir, "--outputs-dir")
     model = load_student(args, device)
     dataset = CSTestSet(args.data_dir, resolve_list(args.data_list, "test", args.data_dir), crop_size=None)
     print(f"{len(dataset)} images are loaded!", flush=True)

@@ -18,6 +18,8 @@ from common.datasets.cityscapes import CSTrainValSet
 from common.engine import resolve_device
 from common.errors import main_guard
 from common.evaluation import write_results_json
+from common.io import output_dir, output_file
+from common.numerics import set_tf32
 from common.recipes import psp
 from cwd.options import eval_parser, resolve_list
 
@@ -51,15 +53,19 @@ def main(argv=None):
     args = eval_parser("val").parse_args(argv)
     for key, value in sorted(vars(args).items()):
         print(f"{key} : {value}")
+    set_tf32(args.tf32)
     device = resolve_device(args.device)
     model = load_student(args, device)
+    out = output_file(Path(args.results) if args.results else Path(args.restore_from).parent / "results.json",
+                      "--results")
+    if args.outputs_dir:
+        output_dir(args.outputs_dir, "--outputs-dir")
     dataset = CSTrainValSet(args.data_dir, resolve_list(args.data_list, "val", args.data_dir), crop_size=None)
     print(f"{len(dataset)} images are loaded!", flush=True)
     result = psp.evaluate_split(model, dataset, num_classes=args.num_classes, device=device, mode="val",
                                    outputs_dir=args.outputs_dir)
     with np.printoptions(precision=8):
         print(f"mean_IU: {result.miou:.6f}  IU_array: \n{np.asarray(result.iou)}", flush=True)
-    out = Path(args.results) if args.results else Path(args.restore_from).parent / "results.json"
     write_results_json(out, **{**run_fields(args.restore_from), **result.result_fields()})
 
 

@@ -12,6 +12,8 @@ if __package__ in (None, ""):
 from common.datasets.cityscapes import CSTestSet
 from common.engine import resolve_device
 from common.errors import UserError, main_guard
+from common.io import output_dir
+from common.numerics import set_tf32
 from common.recipes import psp
 from common.recipes.options import apply_gpu
 from common.recipes.psp import resolve_list
@@ -26,7 +28,9 @@ def main(argv=None):
     if not args.outputs_dir:
         raise UserError("--outputs-dir is empty, but test.py only writes predictions; pass a folder")
     apply_gpu(args.gpu)
+    set_tf32(args.tf32)
     device = resolve_device(args.device)
+    output_dir(args.outputs_dir, "--outputs-dir")
     dataset = CSTestSet(args.data_dir, resolve_list(args.data_list, "test", args.data_dir), crop_size=None)
     student = load_student(args, device)
     result = psp.evaluate_split(student, dataset, num_classes=args.num_classes, device=device, mode="test",

@@ -5,7 +5,7 @@ discriminator step (Adam) per G step, both on the poly schedule with it = 0..N-1
 (common/engine/step.py). Seeds 0 and deterministic cuDNN, as the original sets at import. At
 each save point (by default only step 39 999) it writes ``<data_set>_<step>_G.pth`` (+ ``_D.pth``
 with ``--adv``), evaluates the student on val (whole image) and writes ``results.json`` beside them.
-The plumbing shared with CWD and SKD is in common/engine/psp.py.
+The plumbing shared with CWD and SKD is in common/recipes/psp.py.
 """
 import sys
 from pathlib import Path
@@ -20,12 +20,23 @@ from common.engine.data import eval_loader, rank_batch, train_loader
 from common.engine.dist import init_distributed
 from common.engine.step import Term, TrainStep
 from common.errors import UserError, main_guard
+from common.io import output_dir
 from common.losses.ifvd import IntraClassFeatureVariation
 from common.losses.kd import PixelKL
 from common.numerics import resolve_amp, set_tf32
 from common.recipes import psp
 from common.recipes.options import apply_gpu
-from common.recipes.run import RunState, has_results, log_args, method_name, run_fields, state_every, write_args_json
+from common.recipes.run import (
+    RunState,
+    has_results,
+    log_args,
+    method_name,
+    prepare_run_dir,
+    run_fields,
+    seed_rank,
+    state_every,
+    write_args_json,
+)
 from ifvd.options import train_parser
 
 TEACHER_HINT = ("download teacher_city.pth (ifvd/README.md, Quick start) into ./ckpt/ or pass --T_ckpt_path; "
@@ -100,7 +111,9 @@ def main(argv=None):
     info = init_distributed(args.device)
     device = info.device
     batch = rank_batch(args.batch_size, info)
-    run_dir = Path(args.save_dir) / args.save_name
+    run_dir = prepare_run_dir(Path(args.save_dir) / args.save_name, "--save-dir", info)
+    if args.outputs_dir:
+        output_dir(args.outputs_dir, "--outputs-dir")
     train_set, val_set = psp.train_val_sets(args)
 
     student = build_student(args, device)
@@ -111,6 +124,7 @@ def main(argv=None):
                      run={"seed": args.seed, "num_steps": args.num_steps, "batch_size": args.batch_size,
                           "world_size": info.world_size}, extra={"run": args.save_name})
     start_step = state.resume(args.resume) if args.resume else args.last_step
+    seed_rank(args.seed, info, start_step)
 
     logger = RunLogger(run_dir, "ifvd.train", enabled=info.is_main, start_step=start_step)
     log_args(logger, args)

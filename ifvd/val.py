@@ -15,6 +15,8 @@ from common.datasets.cityscapes import CSTrainValSet
 from common.engine import resolve_device
 from common.errors import main_guard
 from common.evaluation import write_results_json
+from common.io import output_dir, output_file
+from common.numerics import set_tf32
 from common.recipes import psp
 from common.recipes.options import apply_gpu
 from common.recipes.psp import resolve_list
@@ -34,13 +36,17 @@ def main(argv=None):
     args = eval_parser("val").parse_args(argv)
     print(" ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
     apply_gpu(args.gpu)
+    set_tf32(args.tf32)
     device = resolve_device(args.device)
     dataset = CSTrainValSet(args.data_dir, resolve_list(args.data_list, "val", args.data_dir), crop_size=None)
     student = load_student(args, device)
+    out = output_file(Path(args.results) if args.results else Path(args.restore_from).resolve().parent / "results.json",
+                      "--results")
+    if args.outputs_dir:
+        output_dir(args.outputs_dir, "--outputs-dir")
     result = psp.evaluate_split(student, dataset, num_classes=args.num_classes, device=device, mode="val",
                                    outputs_dir=args.outputs_dir)
     print(f"mean_IU: {result.miou:.6f}  IU_array: \n{np.asarray(result.iou)}", flush=True)
-    out = Path(args.results) if args.results else Path(args.restore_from).resolve().parent / "results.json"
     method = args.method or ("teacher" if args.model != psp.STUDENT else "ifvd")
     tag = args.checkpoint_tag or Path(args.restore_from).stem
     write_results_json(out, paper="ifvd", method=method, model=args.model, dataset="cityscapes", split="val",

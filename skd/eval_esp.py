@@ -28,6 +28,8 @@ from common.errors import UserError, main_guard
 from common.evaluation import ConfusionMatrix, cityscapes_palette, save_prediction_png
 from common.models import build_model
 from common.models.weights import load_checkpoint, load_state_dict_strict
+from common.numerics import set_tf32
+from common.recipes.options import str2bool
 from common.tables.schema import make_result, write_results
 
 # ``network/__init__.py`` names of the conference code -> segkd registry names (skd_cvpr19.md §2).
@@ -37,24 +39,15 @@ PSP_METHODS = ("psp_dsn", "student_res18", "student_res18_pre", "teacher_dense",
 PALETTE = cityscapes_palette()[:19 * 3] + [128, 128, 128] + [0] * (256 - 20) * 3
 
 
-def str2bool(value):
-    """The original's string flags ('True'/'False'); anything else is a usage error."""
-    if isinstance(value, bool):
-        return value
-    if value.lower() in ("true", "1", "yes"):
-        return True
-    if value.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
-
-
-def add(parser, name, **kw):
-    """Add ``--a-b`` together with ``--a_b`` (the README's spelling) or the other way round."""
+def add(parser, name, *aliases, **kw):
+    """Add ``--a-b`` together with ``--a_b`` (the README's spelling) or the other way round, and the same two
+    spellings of each alias (an older segkd name of the same flag)."""
     flag = name.lstrip("-")
-    names = [f"--{flag}"]
-    for alt in (flag.replace("-", "_"), flag.replace("_", "-")):
-        if f"--{alt}" not in names:
-            names.append(f"--{alt}")
+    names = []
+    for spelling in (flag, *(a.lstrip("-") for a in aliases)):
+        for alt in (spelling, spelling.replace("-", "_"), spelling.replace("_", "-")):
+            if f"--{alt}" not in names:
+                names.append(f"--{alt}")
     kw.setdefault("dest", flag.replace("-", "_"))
     parser.add_argument(*names, **kw)
 
@@ -84,31 +77,39 @@ def build_parser(description=__doc__):
     add(p, "--use-ms", default="False", help="parsed and unused, as in the original")
     add(p, "--predict-choice", default="whole", help="parsed and unused, as in the original")
     add(p, "--whole-scale", default="1", help="parsed and unused, as in the original")
-    # Training flags of the same parser (read by train_esp.py; parsed and unused by the evaluation).
+    # Training flags of the same parser (read by train_esp.py where it implements them; parsed and unused by
+    # the evaluation, as in the original). Names, types and defaults: skd_cvpr19.md §1.2 and issue 13 item 4.
     add(p, "--learning-rate", type=float, default=1e-2)
     add(p, "--momentum", type=float, default=0.9)
     add(p, "--num-steps", type=int, default=40000)
+    add(p, "--epoch", type=int, default=None, help="parsed and unused (train_esp.py counts --num-steps)")
     add(p, "--power", type=float, default=0.9)
     add(p, "--weight-decay", type=float, default=5e-4)
-    add(p, "--random-seed", type=int, default=304)
+    add(p, "--random-seed", type=int, default=304, help="seed of the training data order, augmentation and init")
+    add(p, "--seed", type=int, default=304, help="parsed and unused (train_esp.py seeds with --random-seed)")
     add(p, "--random-mirror", action="store_true")
-    add(p, "--random-scale", action="store_true")
-    add(p, "--ohem", type=str2bool, default=False)
-    add(p, "--ohem-thres", type=float, default=0.7)
-    add(p, "--ohem-keep", type=int, default=100000)
+    add(p, "--random-scale", action="store_true", help="training: random scaling (CamVidLight's scale draw)")
+    add(p, "--fix", type=str2bool, nargs="?", const=True, default=False, help="parsed and unused")
+    add(p, "--network", default=None, help="parsed and unused (--method picks the network)")
+    add(p, "--ohem", type=str2bool, nargs="?", const=True, default=False, help="parsed and unused (no OHEM CE here)")
+    add(p, "--ohem-thres", type=float, default=0.6, help="parsed and unused")
+    add(p, "--ohem-thres1", type=float, default=0.8, help="parsed and unused")
+    add(p, "--ohem-thres2", type=float, default=0.5, help="parsed and unused")
+    add(p, "--ohem-keep", type=int, default=100000, help="parsed and unused")
+    add(p, "--dsn-weight", type=float, default=0.4, help="parsed and unused (ESPNet has no DSN head)")
     add(p, "--sd_mode", default="light_label", help="loss terms: 'label', 'kd', 'sd' substrings (network/net.py)")
-    add(p, "--adv_loss", default="hinge")
+    add(p, "--adv_loss", default="hinge", help="parsed and unused (no GAN loss in the branch, spec §8)")
     add(p, "--weight_l", type=float, default=1.0)
     add(p, "--weight_k", type=float, default=1.0)
     add(p, "--weight_s", type=float, default=1.0)
-    add(p, "--weight_kf", type=float, default=1.0)
-    add(p, "--weight_GAN", type=float, default=1.0)
+    add(p, "--weight_kf", type=float, default=1.0, help="parsed and unused")
+    add(p, "--weight_GAN", type=float, default=1.0, help="parsed and unused")
     add(p, "--tem", type=float, default=1.0)
-    add(p, "--location", type=int, default=1)
-    add(p, "--divided_lr", type=float, default=50.0)
+    add(p, "--location", type=float, default=1.0, help="parsed and unused (discriminator input, spec §8)")
+    add(p, "--divided_lr", type=int, default=50, help="parsed and unused")
     add(p, "--teacher_model", default="psp_dsn_floor")
-    add(p, "--teacher-path", default=None)
-    add(p, "--discriminator-path", default=None)
+    add(p, "--teacher-from", "--teacher-path", default=None, help="teacher checkpoint")
+    add(p, "--dis-from", "--discriminator-path", default=None, help="parsed and unused (no discriminator trained)")
     add(p, "--snapshot-dir", default="./snapshots/")
     # segkd additions (never change the default behaviour).
     add(p, "--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -117,6 +118,7 @@ def build_parser(description=__doc__):
         help="DataLoader workers; on CPU, >= 2 also run the model (one image and one thread each)")
     add(p, "--channels-last", type=str2bool, default=True, help="channels-last memory format (speed only)")
     add(p, "--output-dir", default=None, help="where results.json goes (default ./outputs/eval_esp/<ckpt stem>)")
+    add(p, "--tf32", action="store_true", help="allow TF32 on Ampere+ GPUs (the original: full fp32)")
     return p
 
 
@@ -145,11 +147,12 @@ def build_esp_model(method, num_classes):
     raise UserError(f"unknown --method {method!r}; choose one of: {', '.join(METHODS)}")
 
 
-def load_esp_checkpoint(model, path, method):
-    """Strict load of a released state dict (``module.`` stripped); a mismatch names the first keys."""
+def load_esp_checkpoint(model, path, method, flag="--restore-from"):
+    """Strict load of a released state dict (``module.`` stripped) given by ``flag``; a mismatch names the first
+    keys."""
     if not path:
-        raise UserError("no checkpoint given: pass --restore-from <file.pth>")
-    state = load_checkpoint(path, "checkpoint", hint="pass --restore-from with an ESPNet/ESPNet-C .pth file")
+        raise UserError(f"no checkpoint given: pass {flag} <file.pth>")
+    state = load_checkpoint(path, "checkpoint", hint=f"pass {flag} with an ESPNet/ESPNet-C .pth file")
     load_state_dict_strict(model, state, f"checkpoint {path} (--method {method})")
 
 
@@ -240,6 +243,7 @@ def evaluate(model, dataset, num_classes, ignore_label, device, store_dir=None, 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    set_tf32(args.tf32)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     if args.gpu is not None:

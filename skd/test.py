@@ -12,6 +12,8 @@ if __package__ in (None, ""):
 from common.datasets.cityscapes import CSTestSet
 from common.engine import resolve_device
 from common.errors import UserError, main_guard
+from common.io import output_dir
+from common.numerics import set_tf32
 from common.recipes import psp
 from common.recipes.psp import resolve_list
 from skd.options import prediction_parser
@@ -24,7 +26,9 @@ def main(argv=None):
     args = prediction_parser().parse_args(argv)
     if not args.outputs_dir:
         raise UserError("--outputs-dir is empty, but test.py only writes predictions; pass a folder")
+    set_tf32(args.tf32)
     device = resolve_device(args.device)
+    output_dir(args.outputs_dir, "--outputs-dir")
     dataset = CSTestSet(args.data_dir, resolve_list(args.data_list, "test", args.data_dir), crop_size=None)
     student = psp.load_student(psp.STUDENT, args.resume_from, "--resume-from", RESTORE_HINT, num_classes=19,
                                   norm=args.norm, device=device)

@@ -19,15 +19,25 @@ import torch
 from common.engine import Logging, LRSchedule, PeriodicCheckpoint, PeriodicEval, RunLogger, Trainer, seed_everything
 from common.engine.checkpoint import atomic_save
 from common.engine.data import eval_loader, rank_batch, train_loader
-from common.engine.dist import barrier, init_distributed
+from common.engine.dist import all_reduce_sum, barrier, init_distributed
 from common.engine.step import Term, TrainStep
 from common.errors import UserError, main_guard
+from common.io import output_dir
 from common.losses.skd import PairWise, PixelWise
 from common.models.pspnet import output_side
 from common.models.weights import remap_toolbox_teacher
 from common.numerics import resolve_amp, set_tf32
 from common.recipes import psp
-from common.recipes.run import RunState, log_args, method_name, run_fields, state_every, write_args_json
+from common.recipes.run import (
+    RunState,
+    log_args,
+    method_name,
+    prepare_run_dir,
+    run_fields,
+    seed_rank,
+    state_every,
+    write_args_json,
+)
 from skd.options import SAVE_PATH, train_parser
 
 CITYSCAPES_TRAIN_IMAGES = 2975  # the original's save_steps = int(2975 / batch_size) (§B.2.2 step 4)
@@ -114,6 +124,13 @@ def build_step(args, student, teacher, disc, device):
                      amp=resolve_amp(args.amp, device, args.amp_dtype))
 
 
+def shared_random_seed(info):
+    """A random data seed drawn on rank 0 and shared by every rank (the sampler needs the same permutation)."""
+    seed = torch.tensor([int.from_bytes(os.urandom(4), "little") if info.is_main else 0], dtype=torch.int64,
+                        device=info.device)
+    return int(all_reduce_sum(seed).item())
+
+
 def is_eval_step(step, num_steps, save_steps):
     """The original rule on the 1-based step (§B.2.2 step 7): 39 326, 39 697 and 39 999 by default."""
     return (step > 1 and step % save_steps == 0 and step > num_steps - 1000) or step == num_steps - 1
@@ -140,11 +157,14 @@ def main(argv=None):
     batch = rank_batch(args.batch_size, info)
     if args.seed is not None:
         seed_everything(args.seed)
-    data_seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+    data_seed = args.seed if args.seed is not None else shared_random_seed(info)
     torch.backends.cudnn.enabled = True
     torch.backends.cudnn.benchmark = True
     save_steps = args.save_steps or int(CITYSCAPES_TRAIN_IMAGES / args.batch_size)
-    log_dir, snapshot_dir = Path(args.log_dir), Path(args.snapshot_dir)
+    log_dir = prepare_run_dir(args.log_dir, "--log-dir", info)
+    snapshot_dir = prepare_run_dir(args.snapshot_dir, "--snapshot-dir", info)
+    if args.outputs_dir:
+        output_dir(args.outputs_dir, "--outputs-dir")
     train_set, val_set = psp.train_val_sets(args, truncate=False)
 
     notes = []
@@ -153,13 +173,15 @@ def main(argv=None):
     disc = build_discriminator(args, device, notes) if args.ho else None
     step = build_step(args, student, teacher, disc, device)
     state = RunState(log_dir / "training_state.pth", step, info, batch=batch,
-                     run={"num_steps": args.num_steps, "batch_size": args.batch_size, "world_size": info.world_size},
+                     run={"seed": args.seed, "num_steps": args.num_steps, "batch_size": args.batch_size,
+                          "world_size": info.world_size},
                      extra={"data_seed": data_seed})
     start_step = args.last_step
     if args.resume:
         start_step = state.resume(args.resume)
         data_seed = int(state.extra["data_seed"])
         notes.append(f"resumed from {args.resume} at step {start_step + 1}")
+    seed_rank(data_seed, info, start_step)
 
     logger = RunLogger(log_dir, "skd.train", enabled=info.is_main, start_step=start_step)
     log_args(logger, args)

@@ -6,9 +6,10 @@ does ship (skd_cvpr19.md §8, ``network/net.py``): loss = weight_l·CE ['label' 
 no_grad. The schedule is the branch's parser defaults (SGD lr 1e-2, momentum 0.9, weight decay 5e-4, poly 0.9,
 40000 steps, batch 8, seed 304); what the spec does not give is a documented choice (skd/README.md, Deviations):
 crop 360×480, void (11) ignored in the CE, poly indexed from step 0, final evaluation on the test list.
+``--init-from`` starts the student from a checkpoint (e.g. fine-tuning a released ESPNet).
 
-    python skd/train_esp.py --method student_esp_e --data-dir $CAMVID --sd_mode light_label_kd_sd \\
-        --teacher_model student_esp_d --teacher-path SD+KD+CITY_65.1.pth --random-mirror --random-scale
+    python skd/train_esp.py --method student_esp_d --data-dir $CAMVID --sd_mode light_label_kd_sd \\
+        --teacher_model student_esp_d --teacher-from SD+KD+CITY_65.1.pth --init-from base_57.8.pth --random-mirror
 """
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+import torch.nn.functional as F
 from torch.utils import data
 
 from common.datasets.camvid import ESP_MEAN_BGR, ESP_STD_BGR, CamVidLight
@@ -39,15 +41,41 @@ from common.engine import (
     seed_everything,
 )
 from common.errors import UserError, main_guard
-from common.losses.skd import ConferenceCrossEntropy, PairWiseCos, PixelWiseKD
+from common.losses.skd import ConferenceCrossEntropy, PairWiseCos, PixelWiseKD, upsample_bilinear
 from common.models import build_model
+from common.numerics import full_precision, set_tf32
 from common.recipes.run import RunState
 from common.tables.schema import make_result, write_results
 from skd.eval_esp import METHODS, add, build_esp_model, build_parser, evaluate, load_esp_checkpoint, pick_device
 
-# Teachers with stride-8 logits (KD upsamples them ×8) by the original's --teacher_model name; 'sd' reads
-# their output "feat".
-TEACHERS = {"psp_dsn": "pspnet_resnet101", "student_res18": "pspnet_resnet18", "student_esp_e": "espnet_c"}
+# Teachers by the original's --teacher_model name; 'sd' reads their output "feat" (1/8 of the input for all).
+# The KD upsamples stride-8 logits ×8 (spec §8); ESPNet's logits are already at input size.
+TEACHERS = {"psp_dsn": "pspnet_resnet101", "student_res18": "pspnet_resnet18", "student_esp_e": "espnet_c",
+            "student_esp_d": "espnet"}
+FULL_RESOLUTION_TEACHERS = ("student_esp_d",)
+
+
+class FullResolutionTeacherKD(PixelWiseKD):
+    """:class:`PixelWiseKD` for a teacher whose logits are already at input size (ESPNet ``student_esp_d``): the
+    teacher map is used as it is instead of ×8 (the original ``CriterionKD`` would upsample it to 8× the input
+    and fail on the shape); a 1/8 student is upsampled ×8 if ``upsample``. Same KL, same mean, no τ²."""
+
+    def forward(self, logits_s, logits_t):
+        logits_s, logits_t = full_precision(logits_s), full_precision(logits_t)
+        if self.upsample:
+            logits_s = upsample_bilinear(logits_s, (logits_s.shape[2] * 8, logits_s.shape[3] * 8))
+        if logits_s.shape != logits_t.shape:
+            raise ValueError(f"FullResolutionTeacherKD: student logits {tuple(logits_s.shape)} and teacher logits "
+                             f"{tuple(logits_t.shape)} differ in shape")
+        log_p_s = F.log_softmax(logits_s / self.temperature, dim=1)
+        p_t = F.softmax(logits_t / self.temperature, dim=1)
+        return (torch.special.xlogy(p_t, p_t) - p_t * log_p_s).mean()
+
+
+def pixel_kd(args):
+    """The pixel-wise KD of this student/teacher pair (the student is upsampled when it is ESPNet-C)."""
+    kind = FullResolutionTeacherKD if args.teacher_model.lower() in FULL_RESOLUTION_TEACHERS else PixelWiseKD
+    return kind(upsample=args.method.lower() == "student_esp_e", temperature=args.tem)
 
 
 def parse_args(argv=None):
@@ -57,6 +85,7 @@ def parse_args(argv=None):
         help="pair-wise form: softmax (CriterionSDcos), raw (CriterionSDcos_no), sigmoid (CriterionSDcos_sig)")
     add(p, "--teacher-norm", default="student", choices=("student", "caffe", "sd"),
         help="teacher input: the student's tensor, BGR minus the Caffe mean, or (BGR - ESP mean)/255 (_sd data)")
+    add(p, "--init-from", default=None, help="start the student from this checkpoint (strict load; default: random)")
     add(p, "--resume", default=None, help="training_state.pth of an interrupted run")
     add(p, "--save-every", type=int, default=0, help="also save every N steps (0: only at the end)")
     p.set_defaults(input_size="360,480", batch_size=8, num_workers=2)
@@ -77,12 +106,12 @@ def teacher_input(x, mode):
 
 def build_teacher(args, device):
     if args.teacher_model.lower() not in TEACHERS:
-        raise UserError(f"--teacher_model {args.teacher_model!r} has no stride-8 network in segkd; 'kd'/'sd' in "
+        raise UserError(f"--teacher_model {args.teacher_model!r} is not a teacher network of segkd; 'kd'/'sd' in "
                         f"--sd_mode need one of: {', '.join(TEACHERS)}")
-    if not args.teacher_path:
-        raise UserError("'kd'/'sd' in --sd_mode need a trained teacher: pass --teacher-path <file.pth>")
+    if not args.teacher_from:
+        raise UserError("'kd'/'sd' in --sd_mode need a trained teacher: pass --teacher-from <file.pth>")
     teacher = build_model(TEACHERS[args.teacher_model.lower()], num_classes=args.num_classes)
-    load_esp_checkpoint(teacher, args.teacher_path, args.teacher_model)
+    load_esp_checkpoint(teacher, args.teacher_from, args.teacher_model, flag="--teacher-from")
     return teacher.to(device).eval()
 
 
@@ -97,6 +126,7 @@ def find_list(data_dir, given, split):
 
 def main(argv=None):
     args = parse_args(argv)
+    set_tf32(args.tf32)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     device = pick_device(args.device)
@@ -111,7 +141,10 @@ def main(argv=None):
     if args.num_steps < 1 or args.batch_size < 1:
         raise UserError("--num-steps and --batch-size must be positive")
     seed_everything(args.random_seed)
-    student = build_esp_model(args.method, args.num_classes).to(device)
+    student = build_esp_model(args.method, args.num_classes)
+    if args.init_from:
+        load_esp_checkpoint(student, args.init_from, args.method, flag="--init-from")
+    student.to(device)
     use_kd, use_sd, use_label = ("kd" in args.sd_mode), ("sd" in args.sd_mode), ("label" in args.sd_mode)
     if not (use_kd or use_sd or use_label):
         raise UserError(f"--sd_mode {args.sd_mode!r} enables no loss; it must contain 'label', 'kd' and/or 'sd'")
@@ -131,8 +164,7 @@ def main(argv=None):
         terms.append(Term("label", args.weight_l, ConferenceCrossEntropy(args.ignore_label), ("s.logits", "labels"),
                           log_weighted=False))
     if use_kd:
-        kd = PixelWiseKD(upsample=args.method.lower() == "student_esp_e", temperature=args.tem)
-        terms.append(Term("kd", args.weight_k, kd, ("s.logits", "t.logits"), log_weighted=False))
+        terms.append(Term("kd", args.weight_k, pixel_kd(args), ("s.logits", "t.logits"), log_weighted=False))
     if use_sd:
         terms.append(Term("sd", args.weight_s, PairWiseCos(args.sd_loss), ("s.feat", "t.feat"), log_weighted=False))
     step = TrainStep(student, task=None, optimizer=optimizer, base_lr=args.learning_rate, device=device,
@@ -143,7 +175,7 @@ def main(argv=None):
     one_process = DistInfo(rank=0, world_size=1, local_rank=0, device=device, is_main=True)
     state = RunState(out_dir / "training_state.pth", step, one_process, batch=args.batch_size,
                      run={"seed": args.random_seed, "num_steps": args.num_steps, "batch_size": args.batch_size,
-                          "method": args.method, "sd_mode": args.sd_mode})
+                          "method": args.method, "sd_mode": args.sd_mode, "init_from": args.init_from})
     start = state.resume(args.resume, restore_rng=False) if args.resume else 0
     sampler = ResumableSampler(len(repeated), args.random_seed, start=start * args.batch_size)
     loader = data.DataLoader(SeededDataset(repeated, args.random_seed), batch_size=args.batch_size, sampler=sampler,
@@ -173,7 +205,9 @@ def main(argv=None):
             seed=args.random_seed, wall_time_s=seconds, images_per_s=count / seconds if seconds else None,
             teacher=args.teacher_model if teacher is not None else None,
             extra={"checkpoint": str(out_dir / f"{args.method}_{args.num_steps}.pth"),
-                   "reconstruction": True, "sd_loss": args.sd_loss, "teacher_norm": args.teacher_norm}))
+                   "reconstruction": True, "sd_loss": args.sd_loss, "teacher_norm": args.teacher_norm,
+                   "init_from": Path(args.init_from).stem if args.init_from else None,
+                   "teacher_from": Path(args.teacher_from).stem if teacher is not None else None}))
         return cm.miou()
 
     every = args.save_every or None

@@ -26,6 +26,14 @@ def defaults(argv, world_size=1, kd=False):
     return args
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def no_demo(monkeypatch):
     monkeypatch.delenv("SEGKD_DEMO", raising=False)
@@ -33,12 +41,13 @@ def no_demo(monkeypatch):
 
 def test_pascal_defaults_are_50_epochs_batch_6_lr_0_007():
     args = defaults([])
-    assert (args.epochs, args.batch_size, args.lr, args.checkname) == (EPOCHS_VOC, 6, LR_VOC, "deeplab-resnet18")
+    assert (args.epochs, args.batch_size, args.checkname) == (EPOCHS_VOC, 6, "deeplab-resnet18")
+    assert args.lr == pytest.approx(LR_VOC, rel=1e-12)
 
 
 def test_cityscapes_defaults_are_200_epochs_lr_0_01():
     args = defaults(["--dataset", "cityscapes"])
-    assert (args.epochs, args.lr) == (EPOCHS_CITY, LR_CITY)
+    assert args.epochs == EPOCHS_CITY and args.lr == pytest.approx(LR_CITY, rel=1e-12)
 
 
 def test_default_lr_scales_with_the_batch_over_6_per_gpu():
@@ -147,8 +156,9 @@ def test_parameters_txt_has_the_original_keys(tmp_path):
     args = defaults([])
     saver = aicsd.Saver(tmp_path, "pascal", args.checkname)
     saver.save_experiment_config(args)
+    lr = 0.007 / (6 * 1) * 6  # §2.1: the original's float, printed with str()
     assert (saver.experiment_dir / "parameters.txt").read_text() == (
-        "datset:pascal\nbackbone:resnet18\nout_stride:16\nlr:0.007\nlr_scheduler:poly\nloss_type:ce\nepoch:50\n"
+        f"datset:pascal\nbackbone:resnet18\nout_stride:16\nlr:{lr}\nlr_scheduler:poly\nloss_type:ce\nepoch:50\n"
         "base_size:513\ncrop_size:513\n")
 
 
@@ -203,7 +213,7 @@ def sbd_without_gtcls(voc, tmp_path):
     shutil.copytree(voc / "benchmark_RELEASE", sbd)
     for mat in (sbd / "dataset" / "cls").glob("*.mat"):
         scipy.io.savemat(mat, {"GTinst": np.zeros((2, 2))})
-    return ["--use-sbd", "--sbd-dir", str(sbd)]
+    return ["--use-sbd", "--sbd-dir", str(sbd), "--batch-size", "5"]  # 4 VOC + 1 new SBD id: all in the first batch
 
 
 def teacher_without_state_dict(voc, tmp_path):
@@ -236,3 +246,14 @@ def test_bad_input_stops_with_one_sentence(script, extra, words, voc, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and words in err
 
+
+
+def test_balanced_weights_are_inverse_log_frequency_and_cached(tmp_path):
+    # §2.1 --use-balanced-weights: w_c = 1 / ln(1.02 + f_c); 255 is not counted
+    label = np.array([[0, 0, 0], [1, 255, 255]], np.float32)
+    samples = [(None, label)]
+    args = SimpleNamespace(data_dir=str(tmp_path), dataset="pascal")
+    weights = aicsd.class_weights(samples, args, 3)
+    expected = [1 / math.log(1.02 + 3 / 4), 1 / math.log(1.02 + 1 / 4), 1 / math.log(1.02)]
+    assert weights == pytest.approx(expected)
+    assert np.load(tmp_path / "pascal_classes_weights.npy") == pytest.approx(expected)

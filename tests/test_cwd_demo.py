@@ -10,13 +10,13 @@ from common.datasets.synthetic import make_cityscapes
 from common.tables.schema import make_result, write_results
 from cwd import demo
 
-SCHEDULE = {"steps": 300, "crop": (64, 64), "batch": 4}
+SCHEDULE = {"model": "pspnet_resnet18", "steps": 300, "crop": (64, 64), "batch": 4}
 
 
-def _write_run(folder, iterations=300, crop=(64, 64), batch=4, seed=0):
+def _write_run(folder, model="pspnet_resnet18", iterations=300, crop=(64, 64), batch=4, seed=0):
     folder.mkdir(parents=True, exist_ok=True)
     write_results(folder / "results.json", make_result(
-        paper="cwd", method="teacher", model="pspnet_resnet101", dataset="cityscapes", split="val", miou=0.5,
+        paper="cwd", method="teacher", model=model, dataset="cityscapes", split="val", miou=0.5,
         iterations=iterations, crop=list(crop), batch=batch, seed=seed))
 
 
@@ -27,7 +27,8 @@ def test_finished_run_of_the_same_schedule_is_reused(tmp_path):
 
 def test_missing_or_other_schedule_is_retrained(tmp_path):
     assert not demo.is_done(tmp_path / "nothing", SCHEDULE)
-    for name, kw in (("steps", {"iterations": 140}), ("crop", {"crop": (96, 96)}), ("batch", {"batch": 2}),
+    for name, kw in (("model", {"model": "pspnet_resnet101"}), ("steps", {"iterations": 140}),
+                     ("crop", {"crop": (96, 96)}), ("batch", {"batch": 2}),
                      ("seed", {"seed": 1})):
         _write_run(tmp_path / name, **kw)
         assert not demo.is_done(tmp_path / name, SCHEDULE), name

@@ -205,3 +205,69 @@ def test_original_defaults_and_demo_preset(monkeypatch):
     demo = train_parser().parse_args(["--batch-size", "3"])
     assert demo.is_student_load_imgnet is False and demo.num_steps == demo.save_ckpt_start
     assert demo.batch_size == 3 and demo.lr_g == 0.01 and demo.momentum == 0.9
+
+
+def test_exp_cwd_follows_save_dir_and_a_resume_at_the_end_writes_the_missing_results(
+        synthetic_cityscapes, teacher_ckpt, tmp_path, monkeypatch):
+    """`exp_cwd.sh ... --save-dir out` evaluates the checkpoint in out/<NAME>/; a kill during the final evaluation
+    (simulated: results.json deleted) is repaired by resuming from the final training_state.pth: no step runs
+    again, the weights stay, results.json is written (issue 13 item 9)."""
+    from cwd import train
+
+    env = script_env(synthetic_cityscapes, teacher_ckpt)
+    args = ["channel", "kl", "3", "4", "False", "False", "False", "v1", "--device", "cpu", "--save-dir", "out"]
+    proc = run_script(args, env, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "out" / "False_False_False_channel_kl_3_4_v1"
+    assert not (tmp_path / "ckpt").exists()
+    assert f"restore_from : out/{run.name}/city_1_G.pth" in (run / "test.out").read_text()
+    weights_mtime = (run / "city_1_G.pth").stat().st_mtime_ns
+    (run / "results.json").unlink()
+
+    monkeypatch.chdir(tmp_path)
+    for key in ("SEGKD_DEMO", "SEGKD_DEMO_TEACHER", "SEGKD_DEMO_STEPS", "SEGKD_DEMO_CROP", "SEGKD_DEMO_BATCH"):
+        monkeypatch.setenv(key, env[key])
+    train.main(["--kd", "False", "--adv", "False", "--cwd", "True", "--cwd-feat", "False", "--temperature", "4",
+                "--norm-type", "channel", "--divergence", "kl", "--lambda-cwd", "3", "--data-dir",
+                str(synthetic_cityscapes), "--save-name", run.name, "--device", "cpu", "--save-dir", "out",
+                "--resume", str(run / "training_state.pth")])
+    result = json.loads((run / "results.json").read_text())
+    assert result["iterations"] == 2 and 0.0 <= result["miou"] <= 1.0
+    assert (run / "city_1_G.pth").stat().st_mtime_ns == weights_mtime
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+
+
+def test_resume_refuses_a_state_of_another_run(synthetic_cityscapes, teacher_ckpt, tmp_path, monkeypatch, capsys):
+    """Another batch is named with both values; a state with CWD's feature adapter (--cwd-feat True) resumed
+    with --cwd-feat False names the module "adapter"."""
+    from common.engine.checkpoint import save_training_state
+    from cwd import train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SEGKD_DEMO", raising=False)
+    run = {"seed": 0, "num_steps": 3, "batch_size": 2, "world_size": 1}
+    save_training_state(tmp_path / "batch4.pth", step=1, state={"modules": {}, "optimizers": {}},
+                        run={**run, "batch_size": 4})
+    save_training_state(tmp_path / "feat.pth", step=1, run=run,
+                        state={"modules": {"student": {}, "adapter": {}}, "optimizers": {"G": {}}})
+    for state, sentence in (("batch4.pth", "batch_size=4 but this run has batch_size=2"),
+                            ("feat.pth", "it has adapter that this run does not")):
+        with pytest.raises(SystemExit) as exc:
+            train.main(train_args(synthetic_cityscapes, teacher_ckpt, "r", extra=["--resume", state]))
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and sentence in err and "Traceback" not in err
+    assert not list((tmp_path / "ckpt" / "r").glob("*.pth"))
+
+
+def test_demo_preset_crop_fits_the_discriminator_and_the_readme_says_so(monkeypatch):
+    """Under SEGKD_DEMO the README's second command (ADV=True) trains at 503x503, the smallest crop whose
+    logits reach 64x64: 503 -> stem (503-1)//2+1 = 252 -> ceil-mode pool 127 -> layer2 64, and 502 -> 63."""
+    from cwd import train
+    from cwd.options import train_parser
+
+    monkeypatch.setenv("SEGKD_DEMO", "1")
+    monkeypatch.delenv("SEGKD_DEMO_CROP", raising=False)
+    assert train.check_args(train_parser().parse_args(["--norm-type", "channel", "--adv", "True"])) == (503, 503)
+    assert train.check_args(train_parser().parse_args(["--norm-type", "channel"])) == (96, 96)
+    readme = (REPO / "cwd" / "README.md").read_text()
+    assert "smallest crop (503)" in readme and "503×503" in readme and "(504)" not in readme

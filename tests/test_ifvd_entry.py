@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from common.recipes import run as run_mod
 from common.losses.ifvd import IntraClassFeatureVariation
 from common.losses.kd import PixelKL
 from common.models import Discriminator, build_model
+from common.recipes import run as run_mod
 from ifvd import test as ifvd_test
 from ifvd import train as ifvd_train
 from ifvd import val as ifvd_val
@@ -44,10 +44,11 @@ def test_objective_and_update_order_match_the_original():
     disc = ifvd_train.build_discriminator(args, torch.device("cpu"))
     s_ref, d_ref = copy.deepcopy(student), copy.deepcopy(disc)
     step = ifvd_train.build_step(args, student, teacher, disc, torch.device("cpu"))
-    assert isinstance(step.d_optimizer, torch.optim.Adam)
-    assert step.d_optimizer.defaults["betas"] == (0.9, 0.99) and step.d_optimizer.defaults["weight_decay"] == 0
-    assert isinstance(step.g_optimizer, torch.optim.SGD)
-    assert (step.g_optimizer.defaults["momentum"], step.g_optimizer.defaults["weight_decay"]) == (0.9, 5e-4)
+    d_defaults = step.adversary.optimizer.defaults
+    assert isinstance(step.adversary.optimizer, torch.optim.Adam)
+    assert d_defaults["betas"] == (0.9, 0.99) and d_defaults["weight_decay"] == 0
+    assert isinstance(step.optimizer, torch.optim.SGD)
+    assert (step.optimizer.defaults["momentum"], step.optimizer.defaults["weight_decay"]) == (0.9, 5e-4)
     images, labels = stub_batch()
     torch.manual_seed(123)
     out = step((images, labels), 0)
@@ -77,7 +78,7 @@ def test_flags_drop_their_terms():
     args = train_parser().parse_args(["--kd", "False", "--ifv", "no", "--adv", "0"])
     step = ifvd_train.build_step(args, StubSeg(8), StubSeg(16), None, torch.device("cpu"))
     out = step(stub_batch(1, side=160), 0)
-    assert step.terms == [] and step.discriminator is None
+    assert step.terms == [] and step.adversary is None
     assert out["loss_G"] == pytest.approx(out["mc"]) and out["loss_D"] == 0.0 and out["adv"] == 0.0
 
 

@@ -380,13 +380,13 @@ def test_memory_enqueue_takes_at_most_16_random_pixels_per_image_and_class():
 
 
 def test_memory_pixel_overflow_writes_the_last_k_slots_and_resets():
-    module = make_memory(num_classes=2, pixel_memory=5, region_memory=8)
-    module.pixel_queue_ptr.copy_(torch.tensor([3, 4]))
+    module = make_memory(num_classes=2, pixel_memory=16, region_memory=8)
+    module.pixel_queue_ptr.copy_(torch.tensor([14, 15]))
     labels = torch.full((2, 2, 2), -1)
     labels[0, 0, :] = 0
-    labels[0, 1, 0] = 0  # class 0, image 0: k = 3, ptr 3 + 3 >= 5 → slots [2, 5), ptr 0
+    labels[0, 1, 0] = 0  # class 0, image 0: k = 3, ptr 14 + 3 >= 16 → slots [13, 16), ptr 0
     labels[1, 1, 1] = 0  # class 0, image 1: k = 1 → slot [0, 1), ptr 1
-    labels[1, 0, 0] = 1  # class 1, image 1: k = 1, ptr 4 + 1 >= 5 → slot [4, 5), ptr 0
+    labels[1, 0, 0] = 1  # class 1, image 1: k = 1, ptr 15 + 1 >= 16 → slot [15, 16), ptr 0
     t = torch.randn(2, 6, 2, 2, dtype=torch.float64)
     before = buffers(module)
     module(torch.randn(2, 3, 2, 2, dtype=torch.float64), t, labels)
@@ -394,11 +394,11 @@ def test_memory_pixel_overflow_writes_the_last_k_slots_and_resets():
     queue = module.teacher_pixel_queue
     assert module.pixel_queue_ptr.tolist() == [1, 0]
     # faithful: the picks are raster positions 0..n-1 of the image
-    torch.testing.assert_close(sorted_rows(queue[0, 2:5]), sorted_rows(z_t[0, :, :3].T), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(sorted_rows(queue[0, 13:16]), sorted_rows(z_t[0, :, :3].T), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(queue[0, 0], z_t[1, :, 0], rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(queue[1, 4], z_t[1, :, 0], rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(queue[0, 1], before["teacher_pixel_queue"][0, 1], rtol=0, atol=0)
-    torch.testing.assert_close(queue[1, :4], before["teacher_pixel_queue"][1, :4], rtol=0, atol=0)
+    torch.testing.assert_close(queue[1, 15], z_t[1, :, 0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(queue[0, 1:13], before["teacher_pixel_queue"][0, 1:13], rtol=0, atol=0)
+    torch.testing.assert_close(queue[1, :15], before["teacher_pixel_queue"][1, :15], rtol=0, atol=0)
 
 
 def test_duplicate_queue_slots_keep_the_last_write():
@@ -534,8 +534,10 @@ def test_memory_half_inputs_are_computed_in_float32():
 
 
 def test_memory_bad_arguments():
-    with pytest.raises(UserError, match="pixel_memory_size"):
-        MemoryContrast(19, 0, 20, 54, 216, 1.0, 0.1, 8, 16, -1)
+    with pytest.raises(UserError, match="pixel_memory_size must be at least 16"):
+        MemoryContrast(19, 15, 20, 54, 216, 1.0, 0.1, 8, 16, -1)
+    with pytest.raises(UserError, match="region_memory_size"):
+        MemoryContrast(19, 20, 0, 54, 216, 1.0, 0.1, 8, 16, -1)
     with pytest.raises(UserError, match="contrast_temperature"):
         MemoryContrast(19, 20, 20, 54, 216, 1.0, 0.0, 8, 16, -1)
     module = make_memory()

@@ -458,11 +458,98 @@ def test_train_esp_bad_inputs(synthetic_camvid, tmp_path):
     from skd import train_esp
 
     base = ["--data-dir", str(synthetic_camvid), "--num-steps", "1", "--snapshot-dir", str(tmp_path)]
-    with pytest.raises(UserError, match="--teacher-path"):
+    with pytest.raises(UserError, match="--teacher-from"):
         train_esp.main(base + ["--sd_mode", "kd", "--teacher_model", "student_esp_e"])
+    with pytest.raises(UserError, match="--init-from"):
+        train_esp.main(base + ["--init-from", str(tmp_path / "none.pth")])
     with pytest.raises(UserError, match="teacher_model"):
         train_esp.main(base + ["--sd_mode", "kd"])
     with pytest.raises(UserError, match="multiples of 8"):
         train_esp.main(base + ["--input-size", "100,150"])
     with pytest.raises(UserError, match="enables no loss"):
         train_esp.main(base + ["--sd_mode", "light"])
+
+
+def test_parser_has_the_original_config_flags_with_their_types_and_defaults():
+    """Issue 13 item 4 / skd_cvpr19.md §1.2: the conference ``config`` parser's training flags, in both spellings."""
+    args = eval_esp.build_parser().parse_args([])
+    assert (args.ohem_thres, args.ohem_thres1, args.ohem_thres2, args.ohem) == (0.6, 0.8, 0.5, False)
+    assert (args.random_seed, args.seed, args.divided_lr, args.location, args.dsn_weight) == (304, 304, 50, 1.0, 0.4)
+    assert args.sd_mode == "light_label" and args.adv_loss == "hinge" and args.teacher_model == "psp_dsn_floor"
+    args = eval_esp.build_parser().parse_args(["--ohem", "--location", "0.5", "--divided_lr", "10", "--fix",
+                                               "--teacher-from", "t.pth", "--dis-from", "d.pth", "--network", "x",
+                                               "--epoch", "3", "--ohem_thres1", "0.9"])
+    assert args.ohem is True and args.fix is True and args.location == 0.5 and args.divided_lr == 10
+    assert (args.teacher_from, args.dis_from, args.network, args.epoch, args.ohem_thres1) == ("t.pth", "d.pth", "x",
+                                                                                              3, 0.9)
+    with pytest.raises(SystemExit):  # --divided_lr is an int in the original
+        eval_esp.build_parser().parse_args(["--divided_lr", "0.5"])
+
+
+@pytest.mark.parametrize("text,value", [("yes", True), ("T", True), ("y", True), ("1", True),
+                                        ("no", False), ("f", False), ("N", False), ("0", False)])
+def test_boolean_flags_take_the_original_str2bool_spellings(text, value):
+    args = eval_esp.build_parser().parse_args(["--store-output", text, "--ohem", text])
+    assert args.store_output is value and args.ohem is value
+
+
+def test_evaluation_accepts_and_ignores_training_flags(synthetic_camvid, tmp_path):
+    ckpt = tmp_path / "c.pth"
+    save_random(ckpt, "espnet_c")
+    common = ["--method", "student_esp_e", "--data-dir", str(synthetic_camvid), "--restore-from", str(ckpt),
+              "--num-workers", "0"]
+    plain = eval_esp.main(common + ["--output-dir", str(tmp_path / "a")])
+    flagged = eval_esp.main(common + ["--output-dir", str(tmp_path / "b"), "--ohem", "--ohem-thres", "0.9",
+                                      "--learning-rate", "5", "--sd_mode", "kd", "--location", "0.5", "--seed", "1"])
+    assert flagged["miou"] == plain["miou"] and flagged["iou"] == plain["iou"]
+
+
+def test_full_resolution_teacher_kd_is_the_legacy_kl_mean_without_upsampling():
+    """skd_cvpr19.md §8 CriterionKD = KLDivLoss() (elementwise mean) of log_softmax(S/τ) against softmax(T/τ);
+    for an ESPNet teacher the logits are already at the student's size (no ×8)."""
+    from skd.train_esp import FullResolutionTeacherKD
+
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    tau = 2.0
+    p_t = torch.softmax(t / tau, 1)
+    expected = (p_t * (p_t.log() - torch.log_softmax(s / tau, 1))).sum() / s.numel()
+    value = FullResolutionTeacherKD(temperature=tau)(s, t)
+    assert value.dtype == torch.float64 and value.item() == pytest.approx(expected.item(), rel=1e-12)
+    small = torch.randn(2, 3, 1, 1, dtype=torch.float64)  # a 1/8 student is upsampled ×8 with upsample=True
+    up = small.expand(2, 3, 8, 8)
+    p_s = torch.softmax(up / tau, 1)
+    expected = (p_t * (p_t.log() - p_s.log())).sum() / up.numel()
+    assert FullResolutionTeacherKD(upsample=True, temperature=tau)(small, t).item() == pytest.approx(
+        expected.item(), rel=1e-12)
+
+
+def test_train_esp_init_from_starts_the_student_from_the_checkpoint(synthetic_camvid, tmp_path):
+    from skd import train_esp
+
+    init = tmp_path / "init.pth"
+    save_random(init, "espnet_c", prefix="module.", seed=3)
+    out = train_esp.main(["--method", "student_esp_e", "--data-dir", str(synthetic_camvid), "--init-from", str(init),
+                          "--learning-rate", "0", "--num-steps", "1", "--batch-size", "2", "--input-size", "120,160",
+                          "--snapshot-dir", str(tmp_path / "run"), "--num-workers", "0", "--num-threads", "1"])
+    saved = torch.load(out / "student_esp_e_1.pth", weights_only=True)
+    given = torch.load(init, weights_only=True)
+    weights = [k for k in saved if k.endswith(".weight")]  # lr 0: every parameter is still the checkpoint's
+    assert len(weights) > 50 and all(torch.equal(saved[k], given["module." + k]) for k in weights)
+    assert json.loads((out / "results.json").read_text())["extra"]["init_from"] == "init"
+
+
+def test_train_esp_distils_from_a_full_resolution_espnet_teacher(synthetic_camvid, tmp_path):
+    from skd import train_esp
+
+    teacher = tmp_path / "teacher.pth"
+    save_random(teacher, "espnet", prefix="module.", seed=1)
+    out = train_esp.main(["--method", "student_esp_d", "--data-dir", str(synthetic_camvid), "--sd_mode",
+                          "light_label_kd_sd", "--teacher_model", "student_esp_d", "--teacher-from", str(teacher),
+                          "--num-steps", "1", "--batch-size", "2", "--input-size", "120,160",
+                          "--snapshot-dir", str(tmp_path / "run"), "--num-workers", "0", "--num-threads", "1"])
+    (logged,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged["kd"] > 0 and logged["sd"] > 0
+    assert logged["loss"] == pytest.approx(logged["label"] + logged["kd"] + logged["sd"], rel=1e-6)
+    result = json.loads((out / "results.json").read_text())
+    assert result["teacher"] == "student_esp_d" and result["extra"]["teacher_from"] == "teacher"

@@ -44,8 +44,8 @@ def test_objective_and_update_order_match_the_original():
     assert notes == []  # no model_best.pth.tar in the (relative) D folder: D starts from scratch
     s_ref, d_ref = copy.deepcopy(student), copy.deepcopy(disc)
     step = skd_train.build_step(args, student, teacher, disc, torch.device("cpu"))
-    assert isinstance(step.d_optimizer, torch.optim.SGD)
-    d_defaults = step.d_optimizer.defaults
+    assert isinstance(step.adversary.optimizer, torch.optim.SGD)
+    d_defaults = step.adversary.optimizer.defaults
     assert (d_defaults["lr"], d_defaults["momentum"], d_defaults["weight_decay"]) == (4e-4, 0.9, 5e-4)
     images, labels = stub_batch()
     torch.manual_seed(7)
@@ -92,7 +92,7 @@ def test_flags_drop_their_terms_and_defaults_are_the_originals():
     student, teacher = StubSeg(8, skd_outputs=True), StubSeg(16, skd_outputs=True)
     step = skd_train.build_step(args, student, teacher, None, torch.device("cpu"))
     out = step(stub_batch(1, side=160), 0)
-    assert step.terms == [] and step.d_optimizer is None
+    assert step.terms == [] and step.adversary is None
     assert out["loss_G"] == pytest.approx(out["mc"]) and out["loss_D"] == 0.0
 
 
@@ -147,7 +147,8 @@ def test_scripts_train_evaluate_and_predict(synthetic_cityscapes, weights, tmp_p
     assert (result["paper"], result["method"], result["iterations"]) == ("skd", "pi_pa", 2)
     assert snaps[0].name == f"CS_scenes_2_{result['miou']!r}.pth"
     log = (tmp_path / "log" / "log.txt").read_text()
-    assert "step:1 G_lr:0.006943" in log and "step:3 G_lr:0.000000" in log and "[val 512,512] mean_IU:" in log
+    assert "step:    1 G_lr:0.006943" in log and "step:    3 G_lr:0.000000" in log  # step:{:5d} (§B.2.2 step 6.4)
+    assert "[val 512,512] mean_IU:" in log
     assert "stopped after step 3" in log and "pairwise:" in log
     records = [json.loads(x) for x in (tmp_path / "log" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 3 and records[-1]["G_lr"] == 0.0

@@ -104,3 +104,21 @@ def test_bad_input_exits_2_with_one_line(synthetic_cityscapes, tmp_path, capsys,
     assert "num_steps=4" in err and "num_steps=8" in err
     if not torch.cuda.is_available():
         assert "CUDA" in _exit_line(capsys, _argv(data, tmp_path / "r", "--device", "cuda"))
+
+
+def test_resume_at_the_end_writes_the_missing_final_weights(synthetic_cityscapes, tmp_path):
+    """A kill while the final CS_scenes_<N>.pth is written (simulated: the file deleted after the run) is repaired
+    by resuming from the final training_state.pth: the weights are written again, no step runs, results.json is
+    not recomputed (issue 13 item 9)."""
+    run = tmp_path / "run"
+    argv = _argv(synthetic_cityscapes, run, "--num-steps", "2")
+    main(argv)
+    weights = run / "CS_scenes_2.pth"
+    expected = torch.load(weights, weights_only=True)
+    weights.unlink()
+    results_mtime = (run / "results.json").stat().st_mtime_ns
+    main(argv + ["--resume", str(run / "training_state.pth")])
+    restored = torch.load(weights, weights_only=True)
+    assert restored.keys() == expected.keys() and all(torch.equal(restored[k], expected[k]) for k in expected)
+    assert (run / "results.json").stat().st_mtime_ns == results_mtime
+    assert [s for s, _, _ in _losses(run)] == [0, 1]

@@ -9,7 +9,8 @@
 #   SEGKD_DEMO=1    demo preset: a synthetic Cityscapes in ./demo_data/cirkd_cityscapes (made once), random
 #              backbone init, SEGKD_DEMO_STEPS (default 200) iterations, crop SEGKD_DEMO_CROP (default "64 128"),
 #              batch SEGKD_DEMO_BATCH (default 2), on CPU; flags given to the script still win.
-# Extra arguments of a script are passed on to the Python entry point (the last occurrence of a flag wins).
+#   SEGKD_DRY_RUN=1 print each command (shell-quoted, one per line) instead of running it
+# Extra arguments of a script are passed on to its training entry point (the last occurrence of a flag wins).
 set -euo pipefail
 
 CIRKD_SCRIPT=${CIRKD_SCRIPT:-$0}
@@ -74,7 +75,10 @@ NPROC=${NPROC:-$(nproc_default)}
 launch() {
     local entry=$1
     shift
-    if [ "$NPROC" -gt 1 ]; then
+    if [ -n "${SEGKD_DRY_RUN:-}" ] && [ "${SEGKD_DRY_RUN}" != "0" ]; then
+        printf '%q ' "$entry" "$@"
+        echo
+    elif [ "$NPROC" -gt 1 ]; then
         $TORCHRUN --nproc_per_node="$NPROC" "$CIRKD_DIR/$entry" "$@"
     else
         $PYTHON "$CIRKD_DIR/$entry" "$@"

@@ -38,6 +38,7 @@ from common.engine.dist import is_distributed
 from common.engine.trainer import PolySpec
 from common.errors import UserError
 from common.numerics import AMP_DTYPES, full_precision
+from common.outputs import first_output
 
 Weight = Union[float, Callable[[int], float]]
 
@@ -134,10 +135,6 @@ def average_gradients(optimizer):
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
-
-
-def _score(output):
-    return output[0] if isinstance(output, (list, tuple)) else output
 
 
 def _check_inputs(owner, inputs, student_names, teacher_names):
@@ -323,7 +320,7 @@ class TrainStep:
             total = value if total is None else total + value
         adversary = self.adversary
         if adversary is not None:
-            d_s = _score(adversary.discriminator(full_precision(s[adversary.input])))
+            d_s = first_output(adversary.discriminator(full_precision(s[adversary.input])))
             adv = adversary.lambda_adv * adversary.losses.generator_loss(d_s, adversary.adv_type)
             losses["adv"] = adv
             total = total + adv
@@ -349,11 +346,11 @@ class TrainStep:
         fake = full_precision(s[adversary.input].detach())
         adversary.optimizer.zero_grad(set_to_none=True)
         if adversary.order == "teacher_first":
-            d_t = _score(disc(real))
-            d_s = _score(disc(fake))
+            d_t = first_output(disc(real))
+            d_s = first_output(disc(fake))
         else:
-            d_s = _score(disc(fake))
-            d_t = _score(disc(real))
+            d_s = first_output(disc(fake))
+            d_t = first_output(disc(real))
         loss = adversary.lambda_d * losses.discriminator_loss(d_s, d_t, adversary.adv_type)
         if adversary.adv_type == "wgan-gp":
             loss = loss + adversary.lambda_d * adversary.lambda_gp * losses.gradient_penalty(disc, real, fake)

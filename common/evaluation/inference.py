@@ -11,10 +11,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-
-def main_logits(output) -> torch.Tensor:
-    """The main logits of a model output: `[0]` of a list/tuple (the originals' `if isinstance(..., list)`)."""
-    return output[0] if isinstance(output, (list, tuple)) else output
+from common.outputs import first_output as main_logits
 
 
 def predict_whole(model, image: torch.Tensor, size: Sequence[int], align_corners: bool = True) -> torch.Tensor:

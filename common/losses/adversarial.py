@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from common.errors import UserError
 from common.numerics import full_precision
+from common.outputs import first_output
 
 ADV_TYPES = ("wgan-gp", "hinge")
 
@@ -46,10 +47,6 @@ def gradient_penalty(discriminator, real, fake):
     real, fake = real.detach(), fake.detach()
     alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device, dtype=real.dtype)
     x_hat = (alpha * real + (1.0 - alpha) * fake).requires_grad_(True)
-    out = _score(discriminator(x_hat))
+    out = first_output(discriminator(x_hat))
     grad = torch.autograd.grad(out, x_hat, grad_outputs=torch.ones_like(out), create_graph=True, retain_graph=True)[0]
     return (grad.reshape(grad.shape[0], -1).norm(2, dim=1) - 1.0).pow(2).mean()
-
-
-def _score(output):
-    return output[0] if isinstance(output, (list, tuple)) else output

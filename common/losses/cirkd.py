@@ -208,6 +208,9 @@ class MemoryContrast(nn.Module):
         for name, value in sizes.items():
             if int(value) < 1:
                 raise UserError(f"the memory contrast's {name} must be at least 1, got {value}")
+        if int(pixel_memory_size) < PIXEL_UPDATE_FREQ:
+            raise UserError(f"the memory contrast's pixel_memory_size must be at least {PIXEL_UPDATE_FREQ} (the pixels "
+                            f"enqueued per image and class), got {pixel_memory_size}")
         for name, value in (("contrast_kd_temperature", contrast_kd_temperature),
                             ("contrast_temperature", contrast_temperature)):
             if value <= 0:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from common.numerics import full_precision
 
-__all__ = ["LogitKD", "PixelKL", "full_precision"]
+__all__ = ["LogitKD", "PixelKL"]
 
 
 class PixelKL(nn.Module):

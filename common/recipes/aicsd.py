@@ -46,9 +46,9 @@ DEMO_ENV = "SEGKD_DEMO"
 DEMO_DATA = Path("demo_data") / "aicsd_voc"
 DEMO_TEACHER = Path("demo_runs") / "aicsd" / "run" / "pascal" / "demo-teacher" / "model_best.pth.tar"
 # SEGKD_DEMO=1: the defaults of every flag not given (synthetic VOC, tiny crop, a few epochs, CPU, no ImageNet).
-DEMO_DEFAULTS = {"data_dir": str(DEMO_DATA), "base_size": 65, "crop_size": 65, "epochs": 4, "batch_size": 4,
+DEMO_DEFAULTS = {"data_dir": str(DEMO_DATA), "base_size": 65, "crop_size": 65, "epochs": 10, "batch_size": 4,
                  "workers": 0, "device": "cpu", "imagenet_weights": "none", "save_dir": "demo_runs/aicsd"}
-DEMO_KD_DEFAULTS = {"teacher_path": str(DEMO_TEACHER), "teacher_backbone": "resnet18"}
+DEMO_KD_DEFAULTS = {"teacher_path": str(DEMO_TEACHER), "teacher_backbone": "resnet18", "ref_epochs": 10}
 DEMO_SPLITS = {"train": 16, "val": 6}
 
 
@@ -246,6 +246,7 @@ class Saver:
         else:
             run_id = max((_run_id(p) for p in self.runs), default=-1) + 1
             self.experiment_dir = self.directory / f"experiment_{run_id}"
+        barrier()  # every process has chosen the folder before rank 0 creates it
         if is_main:
             self.experiment_dir.mkdir(parents=True, exist_ok=True)
         barrier()

@@ -1,6 +1,7 @@
-"""What every trainer of every lineage does around the loop: the ``results.json`` fields it knows before its
-first evaluation, the arguments at the top of the log and in ``args.json``, and its resumable
-``training_state.pth`` (DESIGN.md, Conventions: Checkpoints, Results).
+"""What every trainer of every lineage does around the loop: its run folder (checked writable, stale temp files
+removed), per-rank global seeds, the ``results.json`` fields it knows before its first evaluation, the arguments
+at the top of the log and in ``args.json``, and its resumable ``training_state.pth`` (DESIGN.md, Conventions:
+Checkpoints, Results).
 """
 import json
 from pathlib import Path

@@ -19,9 +19,8 @@ import inspect
 from dataclasses import dataclass
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, conv_flop
+from torch.utils.flop_counter import FlopCounterMode
 
-aten = torch.ops.aten
 CONVENTIONS = ("torch", "cirkd")
 
 
@@ -42,28 +41,6 @@ class Complexity:
     @property
     def gmacs(self) -> float:
         return self.flops / 2e9
-
-
-def _cirkd_conv_flop(x_shape, w_shape, bias, stride, padding, dilation, transposed, *args, out_shape=None, **kwargs):
-    """2 × CIRKD's conv multiply-adds: in·out·kh·kw·oh·ow / groups, oh = (H + 2p − kh)//s + 1 (cirkd.md §7.4)."""
-    if transposed:
-        return conv_flop(x_shape, w_shape, bias, stride, padding, dilation, transposed, *args, out_shape=out_shape)
-    out_c, in_per_group, *kernel = w_shape
-    spatial = 1
-    for size, k, p, s in zip(x_shape[2:], kernel, padding, stride):
-        spatial *= (size + 2 * p - k) // s + 1
-    k_numel = 1
-    for k in kernel:
-        k_numel *= k
-    return 2 * x_shape[0] * out_c * in_per_group * k_numel * spatial
-
-
-def _mapping(convention: str) -> dict:
-    if convention == "torch":
-        return {}
-    if convention == "cirkd":
-        return {aten.convolution: _cirkd_conv_flop, aten._convolution: _cirkd_conv_flop}
-    raise ValueError(f"FLOP convention must be one of {CONVENTIONS}, got {convention!r}")
 
 
 def cirkd_macs(model: torch.nn.Module, x: torch.Tensor) -> int:

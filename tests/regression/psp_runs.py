@@ -1,7 +1,7 @@
 """Twenty CPU training steps of each PSP-lineage trainer on tiny synthetic data (engine-redesign guard, issue 9).
 
-``python -m tests.regression.psp_runs record`` writes ``psp_losses.json`` beside this file: for every run the
-per-step losses its ``metrics.jsonl`` holds. ``tests/test_regression_psp.py`` reruns the same commands and
+``python -m tests.regression.psp_runs record [NAME ...]`` writes ``psp_losses.json`` beside this file (all
+runs, or re-records the named ones): for every run the per-step losses its ``metrics.jsonl`` holds. ``tests/test_regression_psp.py`` reruns the same commands and
 compares step by step (1e-6 relative). A change that alters one of these numbers changes what the trainers
 compute; re-record only for a deliberate change of results, and say which in the commit.
 """
@@ -91,7 +91,10 @@ if __name__ == "__main__":
     import tempfile
 
     if sys.argv[1:2] != ["record"]:
-        sys.exit("usage: python -m tests.regression.psp_runs record")
+        sys.exit("usage: python -m tests.regression.psp_runs record [NAME ...]")
+    names = set(sys.argv[2:])
+    recorded = json.loads(RECORD.read_text()) if names and RECORD.is_file() else {}
     with tempfile.TemporaryDirectory() as tmp:
-        RECORD.write_text(json.dumps(run_all(tmp), indent=1) + "\n")
+        recorded.update(run_all(tmp, names=names or None))
+    RECORD.write_text(json.dumps(recorded, indent=1) + "\n")
     print(f"wrote {RECORD}")

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# train_baseline/citys/deeplabv3_res18_unpretrained.sh (specs/cirkd.md §1.7): DeepLabV3-ResNet18 without ImageNet init, supervised, on citys.
+#   CITYSCAPES=<Cityscapes root with leftImg8bit/ and gtFine/> PRETRAINED_DIR=<ImageNet files> [NPROC=n] bash cirkd/train_scripts/train_baseline/citys/deeplabv3_res18_unpretrained.sh
+# Settings of cirkd/train_scripts/common.sh (NPROC, SAVE_DIR, LOG_DIR, SEGKD_DEMO=1).
+source "$(dirname "${BASH_SOURCE[0]}")/../../common.sh"
+
+is_demo || require CITYSCAPES "Cityscapes root with leftImg8bit/ and gtFine/"
+launch train_baseline.py --model deeplabv3 --backbone resnet18 --dataset citys --data "$CITYSCAPES" \
+    --save-dir "$SAVE_DIR" --log-dir "$LOG_DIR" \
+    --pretrained-base None \
+    "${DEMO_FLAGS[@]}" "$@"
+
+# the original evaluates the best model on val (4 GPUs there)
+EVAL_FLAGS=()
+is_demo && EVAL_FLAGS=(--data-list "$CITYSCAPES/lists/val.lst" --workers 0 --device cpu)
+launch eval.py --model deeplabv3 --backbone resnet18 --dataset citys --data "$CITYSCAPES" \
+    --pretrained "$SAVE_DIR/deeplabv3_resnet18_citys_best_model.pth" --save-dir "$LOG_DIR" "${EVAL_FLAGS[@]}"

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# train_cirkd/citys/deeplabv3_mbv2.sh (specs/cirkd.md §1.7, §3.6): CIRKD, DeepLabV3-ResNet101 -> DeepLabV3-MobileNetV2 on citys.
+#   CITYSCAPES=<Cityscapes root with leftImg8bit/ and gtFine/> PRETRAINED_DIR=<ImageNet files> [TEACHER=<.pth>] [NPROC=n] bash cirkd/train_scripts/train_cirkd/citys/deeplabv3_mbv2.sh
+# TEACHER defaults to $SAVE_DIR/deeplabv3_resnet101_citys_best_model.pth (train_baseline/citys/deeplabv3_res101.sh).
+# Settings of cirkd/train_scripts/common.sh (NPROC, SAVE_DIR, LOG_DIR, SEGKD_DEMO=1).
+source "$(dirname "${BASH_SOURCE[0]}")/../../common.sh"
+
+is_demo || require CITYSCAPES "Cityscapes root with leftImg8bit/ and gtFine/"
+TEACHER=${TEACHER:-$SAVE_DIR/deeplabv3_resnet101_citys_best_model.pth}
+require TEACHER "DeepLabV3-ResNet101 checkpoint of this dataset"
+BACKBONE_MOBILENETV2=$(imagenet mobilenetv2-imagenet.pth)
+launch train_cirkd.py --teacher-model deeplabv3 --teacher-backbone resnet101 --student-model deeplab_mobile --student-backbone mobilenetv2 \
+    --dataset citys --data "$CITYSCAPES" --teacher-pretrained "$TEACHER" \
+    --save-dir "$SAVE_DIR" --log-dir "$LOG_DIR" --student-pretrained-base "$BACKBONE_MOBILENETV2" \
+    "${DEMO_FLAGS[@]}" "$@"
