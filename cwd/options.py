@@ -15,8 +15,8 @@ from pathlib import Path
 
 from common.errors import UserError
 from common.recipes.options import add_runtime_flags, size_text, str2bool
+from common.recipes.psp import TEACHER, TEACHERS, smallest_adv_crop
 from common.recipes.psp import resolve_list as resolve_shipped_list
-from common.recipes.psp import smallest_adv_crop
 
 DEMO_DATA_DIR = "./demo_data/cityscapes"
 DEMO_TEACHER = "./demo_runs/teacher/teacher_city.pth"
@@ -64,6 +64,8 @@ def train_parser():
     p.add_argument("--random-mirror", action="store_true", help="random horizontal flip (off unless given)")
     p.add_argument("--random-scale", action="store_true", help="random rescale (off unless given)")
     p.add_argument("--T_ckpt_path", type=str, default="./ckpt/teacher_city.pth", help="teacher weights (required)")
+    p.add_argument("--teacher-model", default=TEACHER, choices=TEACHERS,
+                   help="added: teacher architecture (original: pspnet_resnet101; the demo uses pspnet_resnet18)")
     p.add_argument("--S_resume", type=str2bool, default=False, help=f"{b}: load the student from --S_ckpt_path")
     p.add_argument("--S_ckpt_path", type=str, default="",
                    help="student state_dict (or {'state_dict', 'step'}) for --S_resume")

@@ -65,8 +65,8 @@ def build_student(args, device):
 
 
 def build_teacher(args, device):
-    """Teacher PSPNet-R101, strict load of ``--T_ckpt_path``."""
-    return psp.build_teacher(args, psp.TEACHER, device, num_classes=args.num_classes, hint=TEACHER_HINT)
+    """Teacher ``--teacher-model`` (the original: PSPNet-R101), strict load of ``--T_ckpt_path``."""
+    return psp.build_teacher(args, args.teacher_model, device, num_classes=args.num_classes, hint=TEACHER_HINT)
 
 
 def build_terms(args, device):
@@ -104,7 +104,7 @@ def run_info(args, crop):
     """``results.json`` fields of the run; method e.g. "cwd", "cwd+kd+adv", or "baseline"."""
     method = method_name((("cwd", args.cwd), ("kd", args.kd), ("adv", args.adv)), sep="+")
     return run_fields("cwd", method, model=psp.STUDENT, dataset="cityscapes", iterations=args.num_steps, crop=crop,
-                      batch=args.batch_size, seed=args.seed, teacher=psp.TEACHER, extra={
+                      batch=args.batch_size, seed=args.seed, teacher=args.teacher_model, extra={
         "level": "feature" if args.cwd_feat else "logits", "run": args.save_name, "norm_type": args.norm_type,
         "divergence": args.divergence, "lambda_cwd": args.lambda_cwd, "temperature": args.temperature,
         "kd": args.kd, "adv": args.adv, "cwd": args.cwd, "teacher_ckpt": args.T_ckpt_path})

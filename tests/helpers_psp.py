@@ -24,6 +24,8 @@ class StubSeg(nn.Module):
         self.head = nn.Conv2d(channels, 19, 1)
         self.aux = nn.Conv2d(channels, 19, 1)
         self.x4 = nn.Conv2d(channels, 2 * channels, 1) if skd_outputs else None
+        skd_names = ("layer4", "layer3", "layer2", "layer1") if skd_outputs else ()
+        self.output_names = ("logits", "aux", "feat") + skd_names
 
     def forward(self, x):
         feat = torch.relu(self.feat(F.avg_pool2d(x, 8)))
@@ -90,12 +92,17 @@ def check_g_step(out, expected, student, s_ref, total):
         torch.testing.assert_close(p, q)
 
 
-def check_d_step(out, disc, d_ref, d_optimizer, preds_s, preds_t, seed):
+def check_d_step(out, disc, d_ref, d_optimizer, preds_s, preds_t, seed, student_first):
     """One reference D step on the detached pre-update logits, 0.1·(mean D(S) − mean D(T)) + 0.1·10·GP (the GP
-    interpolation drawn after ``torch.manual_seed(seed)``), matches the step's loss_D and D's new weights."""
+    interpolation drawn after ``torch.manual_seed(seed)``), matches the step's loss_D and D's new weights. D is
+    called on the student first (IFVD, CWD) or on the teacher first (SKD): its spectral-norm power iteration
+    makes the order matter."""
     d_optimizer.zero_grad()
     real, fake = preds_t[0].detach(), preds_s[0].detach()
-    d_t, d_s = d_ref(real)[0], d_ref(fake)[0]
+    if student_first:
+        d_s, d_t = d_ref(fake)[0], d_ref(real)[0]
+    else:
+        d_t, d_s = d_ref(real)[0], d_ref(fake)[0]
     torch.manual_seed(seed)
     d_loss = 0.1 * (d_s.mean() - d_t.mean()) + 0.1 * 10 * gradient_penalty(d_ref, real, fake)
     assert out["loss_D"] == pytest.approx(d_loss.item(), rel=1e-5, abs=1e-7)

@@ -61,7 +61,7 @@ def test_objective_and_update_order_match_the_original():
     check_g_step(out, (("mc", mc), ("kd", 10 * kd), ("ifv", 200 * ifv), ("adv", 0.001 * adv), ("loss_G", total)),
                  student, s_ref, total)
     adam = torch.optim.Adam([p for p in d_ref.parameters() if p.requires_grad], lr=4e-4, betas=(0.9, 0.99))
-    check_d_step(out, disc, d_ref, adam, preds_s, preds_t, seed=123)
+    check_d_step(out, disc, d_ref, adam, preds_s, preds_t, seed=123, student_first=True)  # §A.4.6
 
 
 def test_discriminator_resume_loads_its_state_dict(tmp_path):

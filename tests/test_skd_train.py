@@ -56,11 +56,12 @@ def test_objective_and_update_order_match_the_original():
     pa = PairWise(0.5)(preds_s[2], preds_t[2])
     adv = -d_ref(preds_s[0])[0].mean()
     total = mc + 10 * pi + 0.5 * pa + 0.1 * adv
-    check_g_step(out, (("mc", mc), ("pixelwise", 10 * pi), ("pairwise", 0.5 * pa), ("adv", 0.1 * adv),
+    # the original logs the pair-wise term without λ_pa (§B.2.2 step 6.4)
+    check_g_step(out, (("mc", mc), ("pixelwise", 10 * pi), ("pairwise", pa), ("adv", 0.1 * adv),
                        ("loss_G", total)), student, s_ref, total)
     d_sgd = torch.optim.SGD([p for p in d_ref.parameters() if p.requires_grad], lr=4e-4, momentum=0.9,
                             weight_decay=5e-4)
-    check_d_step(out, disc, d_ref, d_sgd, preds_s, preds_t, seed=7)
+    check_d_step(out, disc, d_ref, d_sgd, preds_s, preds_t, seed=7, student_first=False)  # §B.4.5
 
 
 def test_resume_folders_are_the_originals_overrides(tmp_path, monkeypatch):

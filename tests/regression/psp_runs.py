@@ -1,9 +1,10 @@
 """Twenty CPU training steps of each PSP-lineage trainer on tiny synthetic data (engine-redesign guard, issue 9).
 
 ``python -m tests.regression.psp_runs record [NAME ...]`` writes ``psp_losses.json`` beside this file (all
-runs, or re-records the named ones): for every run the per-step losses its ``metrics.jsonl`` holds. ``tests/test_regression_psp.py`` reruns the same commands and
-compares step by step (1e-6 relative). A change that alters one of these numbers changes what the trainers
-compute; re-record only for a deliberate change of results, and say which in the commit.
+runs, or re-records the named ones): for every run the per-step losses its ``metrics.jsonl`` holds.
+``tests/test_regression_psp.py`` reruns the same commands and compares step by step (1e-6 relative). A change
+that alters one of these numbers changes what the trainers compute; re-record only for a deliberate change of
+results, and say which in the commit.
 """
 import json
 import sys
@@ -71,7 +72,8 @@ def runs(root):
 def step_losses(metrics_path):
     """Per-step floats of ``metrics.jsonl`` without the wall time: ``[{name: value}, ...]`` in step order."""
     rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k not in ("time", "step")} for row in sorted(rows, key=lambda r: r["step"])]
+    rows.sort(key=lambda row: row["step"])
+    return [{k: v for k, v in row.items() if k not in ("time", "step")} for row in rows]
 
 
 def run_all(root, names=None):
