@@ -17,7 +17,7 @@ if __package__ in (None, ""):
 from common.engine import RunLogger, seed_everything
 from common.engine.dist import destroy, init_distributed
 from common.engine.step import Term, TrainStep
-from common.errors import main_guard
+from common.errors import flag_errors, main_guard
 from common.losses.aicsd import SegmentationLoss
 from common.models.deeplabv3plus import model_name
 from common.numerics import set_tf32
@@ -37,7 +37,8 @@ def criterion(args, train_set):
     """``SegmentationLosses(weight).build_loss(--loss-type)`` (§4.1), balanced weights when asked."""
     weight = (aicsd.class_weights(train_set, args, aicsd.AICSD_NUM_CLASSES[args.dataset])
               if args.use_balanced_weights else None)
-    return SegmentationLoss(args.loss_type, weight, batch_average=args.ce_batch_average)
+    with flag_errors():
+        return SegmentationLoss(args.loss_type, weight, batch_average=args.ce_batch_average)
 
 
 @main_guard

@@ -26,7 +26,7 @@ if __package__ in (None, ""):
 from common.engine import RunLogger, seed_everything
 from common.engine.dist import destroy, init_distributed
 from common.engine.step import Term, TrainStep
-from common.errors import UserError, main_guard
+from common.errors import UserError, flag_errors, main_guard
 from common.losses.aicsd import InterChannelCorrelation, InterClassSimilarity, SegmentationLoss, adaptive_weight
 from common.losses.kd import PixelKL
 from common.losses.skd import PairWise
@@ -129,10 +129,13 @@ def main(argv=None):
     teacher = aicsd.load_teacher(args, device)
     student = aicsd.build_network(args, args.backbone, device, return_features=True)
     optimizer = aicsd.make_optimizer(aicsd.param_groups(student, args.lr), args)
-    ce = SegmentationLoss(args.loss_type, batch_average=args.ce_batch_average).to(device)
-    task_weight = aicsd.epoch_weight(alpha_fn(args), ipe) if args.ALW else 1.0
-    task = Term("ce", task_weight, ce, ("s.logits", "labels"))
-    terms = build_terms(args, num_classes, ipe)
+    with flag_errors():
+        ce = SegmentationLoss(args.loss_type, batch_average=args.ce_batch_average).to(device)
+        if args.ALW:
+            adaptive_weight(0, args.ref_epochs)  # a bad --ref-epochs stops here, not at the first step
+        task_weight = aicsd.epoch_weight(alpha_fn(args), ipe) if args.ALW else 1.0
+        task = Term("ce", task_weight, ce, ("s.logits", "labels"))
+        terms = build_terms(args, num_classes, ipe)
     common = dict(task=task, base_lr=args.lr, device=device, teacher=teacher, terms=terms,
                   teacher_train=not args.teacher_eval, poly_groups="all", total_name="loss", log_adversarial=False)
     step = TrainStep(student, optimizer=optimizer, **common)

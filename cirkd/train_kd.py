@@ -29,7 +29,7 @@ from common.engine import seed_everything
 from common.engine.dist import destroy, init_distributed
 from common.engine.lr import make_adam, make_sgd
 from common.engine.step import Adversary, Term, TrainStep
-from common.errors import UserError, main_guard
+from common.errors import UserError, flag_errors, main_guard
 from common.losses import adversarial
 from common.losses.at import AttentionTransfer
 from common.losses.cirkd import MemoryContrast, MiniBatchPixelRelation, per_class_contrast_size
@@ -247,8 +247,9 @@ def main(argv=None):
     cirkd.load_weights(teacher, args.teacher_pretrained, "--teacher-pretrained", TEACHER_HINT)
     student = cirkd.build_network(s_name, num_classes, norm, args.student_pretrained_base,
                                   flag="--student-pretrained-base")
-    terms, modules = build_terms(args, num_classes, aux, embedding_channels(student), embedding_channels(teacher),
-                                 norm)
+    with flag_errors():
+        terms, modules = build_terms(args, num_classes, aux, embedding_channels(student),
+                                     embedding_channels(teacher), norm)
     device = info.device
     student, teacher = student.to(device), teacher.to(device)
     modules = {name: module.to(device) for name, module in modules.items()}

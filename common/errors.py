@@ -1,4 +1,5 @@
 """User errors: one clear sentence, a non-zero exit, no traceback (DESIGN.md, Conventions)."""
+import contextlib
 import functools
 import sys
 
@@ -34,3 +35,13 @@ def main_guard(main):
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def flag_errors():
+    """Turn the ``ValueError``/``TypeError`` a library object raises for a bad setting (a loss built from the
+    flags) into the entry point's one-sentence :class:`UserError` (the library itself knows no CLI)."""
+    try:
+        yield
+    except (ValueError, TypeError) as err:
+        raise UserError(str(err)) from err

@@ -19,7 +19,7 @@ from common.engine import Logging, LRSchedule, PeriodicCheckpoint, PeriodicEval,
 from common.engine.data import eval_loader, rank_batch, train_loader
 from common.engine.dist import destroy, init_distributed
 from common.engine.step import Term, TrainStep
-from common.errors import main_guard
+from common.errors import flag_errors, main_guard
 from common.io import output_dir
 from common.losses.cwd import ChannelWiseDivergence, FeatureAdapter
 from common.losses.kd import PixelKL
@@ -51,7 +51,8 @@ def check_args(args):
         args.input_size = demo_crop(args.adv)
     crop = size_pair(args.input_size)
     if args.cwd:
-        ChannelWiseDivergence(args.norm_type, args.divergence, args.temperature)
+        with flag_errors():
+            ChannelWiseDivergence(args.norm_type, args.divergence, args.temperature)
     psp.check_schedule(args)
     if args.adv:
         psp.check_adversarial(args, "--adv", crop)

@@ -52,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--ckpt-dir", default=os.environ.get("SKD_CKPT"),
                    help=f"folder with the released {TEACHER} and {BASE} (default $SKD_CKPT)")
     p.add_argument("--out", default="demo_runs/skd_camvid", help="output folder")
-    p.add_argument("--epochs", type=float, default=1.5, help="fine-tuning epochs over the 367 train images")
+    p.add_argument("--epochs", type=float, default=1.0, help="fine-tuning epochs over the 367 train images")
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: from --epochs)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--learning-rate", type=float, default=1e-3, help="initial poly lr of the fine-tunes")

@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common.errors import UserError
 from common.losses.adversarial import discriminator_loss, generator_loss, gradient_penalty
 from common.models.discriminator import Discriminator
 
@@ -26,9 +25,9 @@ def test_generator_loss_is_minus_mean_for_both_types():
 
 
 def test_bad_inputs():
-    with pytest.raises(UserError, match="adversarial loss type"):
+    with pytest.raises(ValueError, match="adversarial loss type"):
         discriminator_loss(torch.zeros(2), torch.zeros(2), "lsgan")
-    with pytest.raises(UserError, match="adversarial loss type"):
+    with pytest.raises(ValueError, match="adversarial loss type"):
         generator_loss(torch.zeros(2), "wgan")
     with pytest.raises(ValueError, match="differ in shape"):
         discriminator_loss(torch.zeros(2, 1), torch.zeros(3, 1))

@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.errors import UserError
 from common.losses.aicsd import (
     InterChannelCorrelation,
     InterClassSimilarity,
@@ -129,7 +128,7 @@ def test_focal_is_the_original_formula_on_the_mean_ce():
 
 
 def test_unknown_loss_type_is_a_user_error():
-    with pytest.raises(UserError, match="focal"):
+    with pytest.raises(ValueError, match="focal"):
         SegmentationLoss("dice")
 
 
@@ -257,7 +256,7 @@ def test_ics_rejects_a_class_count_other_than_num_classes():
 
 
 def test_ics_unknown_mode_is_a_user_error():
-    with pytest.raises(UserError, match="paper"):
+    with pytest.raises(ValueError, match="paper"):
         InterClassSimilarity(21, mode="kl")
 
 
@@ -331,7 +330,7 @@ def test_adaptive_weight_warns_above_one():
 
 def test_adaptive_weight_reference_epochs():
     assert adaptive_weight(25, ref_epochs=50) == 0.5
-    with pytest.raises(UserError, match="ref-epochs"):
+    with pytest.raises(ValueError, match="ref-epochs"):
         adaptive_weight(3, ref_epochs=0)
 
 

@@ -11,7 +11,6 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.errors import UserError
 from common.losses.cirkd import MemoryContrast, MiniBatchPixelRelation, per_class_contrast_size
 from common.losses.kd import LogitKD
 
@@ -281,7 +280,7 @@ def test_minibatch_half_inputs_are_computed_in_float32():
 
 
 def test_minibatch_bad_arguments():
-    with pytest.raises(UserError, match="temperature"):
+    with pytest.raises(ValueError, match="temperature"):
         MiniBatchPixelRelation(0.0)
     with pytest.raises(ValueError, match="same batch and spatial size"):
         MiniBatchPixelRelation()(torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 4))
@@ -534,11 +533,11 @@ def test_memory_half_inputs_are_computed_in_float32():
 
 
 def test_memory_bad_arguments():
-    with pytest.raises(UserError, match="pixel_memory_size must be at least 16"):
+    with pytest.raises(ValueError, match="pixel_memory_size must be at least 16"):
         MemoryContrast(19, 15, 20, 54, 216, 1.0, 0.1, 8, 16, -1)
-    with pytest.raises(UserError, match="region_memory_size"):
+    with pytest.raises(ValueError, match="region_memory_size"):
         MemoryContrast(19, 20, 0, 54, 216, 1.0, 0.1, 8, 16, -1)
-    with pytest.raises(UserError, match="contrast_temperature"):
+    with pytest.raises(ValueError, match="contrast_temperature"):
         MemoryContrast(19, 20, 20, 54, 216, 1.0, 0.0, 8, 16, -1)
     module = make_memory()
     s, t, labels = memory_inputs()

@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.errors import UserError
 from common.losses.cwd import ChannelWiseDivergence, FeatureAdapter
 from common.losses.kd import LogitKD, PixelKL
 from common.losses.segmentation import CriterionDSN
@@ -210,7 +209,7 @@ def test_mse_ignores_temperature_and_none_uses_first_sample():
                                             ("channel", "js", "unknown CWD divergence"),
                                             ("none", "kl", "gives NaN"), ("channel_mean", "kl", "gives NaN")])
 def test_bad_configurations_are_user_errors(norm, div, match):
-    with pytest.raises(UserError, match=match):
+    with pytest.raises(ValueError, match=match):
         ChannelWiseDivergence(norm, div, 4.0)
 
 

@@ -6,7 +6,6 @@ logits are "real", student logits "fake".
 import torch
 import torch.nn.functional as F
 
-from common.errors import UserError
 from common.numerics import full_precision
 from common.outputs import first_output
 
@@ -14,9 +13,9 @@ ADV_TYPES = ("wgan-gp", "hinge")
 
 
 def check_adv_type(adv_type):
-    """Return ``adv_type`` if it is one of :data:`ADV_TYPES`, else raise a :class:`UserError`."""
+    """Return ``adv_type`` if it is one of :data:`ADV_TYPES`, else raise a ``ValueError``."""
     if adv_type not in ADV_TYPES:
-        raise UserError(f"unknown adversarial loss type {adv_type!r}; use one of {', '.join(ADV_TYPES)}")
+        raise ValueError(f"unknown adversarial loss type {adv_type!r}; use one of {', '.join(ADV_TYPES)}")
     return adv_type
 
 

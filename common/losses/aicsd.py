@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.errors import UserError
 from common.numerics import full_precision
 
 
@@ -34,7 +33,7 @@ class SegmentationLoss(nn.Module):
     def __init__(self, mode="ce", weight=None, ignore_index=255, batch_average=True, gamma=2.0, alpha=0.5):
         super().__init__()
         if mode not in self.MODES:
-            raise UserError(f"loss type {mode!r} is not known; choose one of: {', '.join(self.MODES)}")
+            raise ValueError(f"loss type {mode!r} is not known; choose one of: {', '.join(self.MODES)}")
         self.mode = mode
         self.ignore_index = ignore_index
         self.batch_average = batch_average
@@ -125,7 +124,7 @@ class InterClassSimilarity(nn.Module):
     def __init__(self, num_classes, temperature=1.0, mode="code"):
         super().__init__()
         if mode not in self.MODES:
-            raise UserError(f"ICS mode {mode!r} is not known; choose one of: {', '.join(self.MODES)}")
+            raise ValueError(f"ICS mode {mode!r} is not known; choose one of: {', '.join(self.MODES)}")
         self.num_classes = num_classes
         self.temperature = temperature
         self.mode = mode
@@ -167,7 +166,7 @@ def adaptive_weight(epoch, ref_epochs=120):
     Warns when α > 1 (more epochs than ``ref_epochs``: the KD weight 1 − α turns negative, quirk Q2).
     """
     if ref_epochs <= 0:
-        raise UserError(f"the ALW reference epoch count (--ref-epochs) must be positive, got {ref_epochs}")
+        raise ValueError(f"the ALW reference epoch count (--ref-epochs) must be positive, got {ref_epochs}")
     if epoch < 0:
         raise ValueError(f"adaptive_weight: epoch must be >= 0, got {epoch}")
     alpha = epoch / ref_epochs

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from common.engine.dist import is_distributed
-from common.errors import UserError
 from common.losses.ifvd import downsample_labels
 from common.losses.precision import promote
 from common.numerics import full_precision
@@ -75,7 +74,7 @@ class MiniBatchPixelRelation(nn.Module):
     def __init__(self, temperature=0.1, pooling=False, chunk_rows=None):
         super().__init__()
         if temperature <= 0:
-            raise UserError(f"the mini-batch relation temperature must be positive, got {temperature}")
+            raise ValueError(f"the mini-batch relation temperature must be positive, got {temperature}")
         self.temperature = float(temperature)
         self.pooling = pooling
         self.chunk_rows = chunk_rows
@@ -207,14 +206,14 @@ class MemoryContrast(nn.Module):
                  "pixel_contrast_size": pixel_contrast_size, "s_channels": s_channels, "t_channels": t_channels}
         for name, value in sizes.items():
             if int(value) < 1:
-                raise UserError(f"the memory contrast's {name} must be at least 1, got {value}")
+                raise ValueError(f"the memory contrast's {name} must be at least 1, got {value}")
         if int(pixel_memory_size) < PIXEL_UPDATE_FREQ:
-            raise UserError(f"the memory contrast's pixel_memory_size must be at least {PIXEL_UPDATE_FREQ} (the pixels "
-                            f"enqueued per image and class), got {pixel_memory_size}")
+            raise ValueError(f"the memory contrast's pixel_memory_size must be at least {PIXEL_UPDATE_FREQ} (the "
+                             f"pixels enqueued per image and class), got {pixel_memory_size}")
         for name, value in (("contrast_kd_temperature", contrast_kd_temperature),
                             ("contrast_temperature", contrast_temperature)):
             if value <= 0:
-                raise UserError(f"the memory contrast's {name} must be positive, got {value}")
+                raise ValueError(f"the memory contrast's {name} must be positive, got {value}")
         self.num_classes = int(num_classes)
         self.pixel_memory_size = int(pixel_memory_size)
         self.region_memory_size = int(region_memory_size)

@@ -3,7 +3,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.abn import norm_layer
-from common.errors import UserError
 from common.numerics import full_precision
 
 NORM_TYPES = ("channel", "spatial", "channel_mean", "none")
@@ -33,11 +32,11 @@ class ChannelWiseDivergence(nn.Module):
     def __init__(self, norm_type="channel", divergence="kl", temperature=4.0, s_channels=None, t_channels=None):
         super().__init__()
         if norm_type not in NORM_TYPES:
-            raise UserError(f"unknown CWD norm type {norm_type!r}; use one of {', '.join(NORM_TYPES)}")
+            raise ValueError(f"unknown CWD norm type {norm_type!r}; use one of {', '.join(NORM_TYPES)}")
         if divergence not in DIVERGENCES:
-            raise UserError(f"unknown CWD divergence {divergence!r}; use one of {', '.join(DIVERGENCES)}")
+            raise ValueError(f"unknown CWD divergence {divergence!r}; use one of {', '.join(DIVERGENCES)}")
         if divergence == "kl" and norm_type in ("channel_mean", "none"):
-            raise UserError(f"CWD norm type {norm_type!r} with divergence 'kl' takes the log of raw values and "
+            raise ValueError(f"CWD norm type {norm_type!r} with divergence 'kl' takes the log of raw values and "
                             "gives NaN (as in the original); use --norm-type channel or spatial, or --divergence mse")
         self.norm_type = norm_type
         self.divergence = divergence

@@ -19,7 +19,7 @@ from common.engine.dist import barrier
 from common.engine.lr import make_adam, make_sgd, poly_lr
 from common.engine.step import Adversary, Term
 from common.engine.trainer import HookBase
-from common.errors import UserError
+from common.errors import UserError, flag_errors
 from common.evaluation import evaluate_main, write_results_json
 from common.losses import adversarial
 from common.losses.adversarial import check_adv_type
@@ -54,7 +54,8 @@ def check_schedule(args, *, num_classes_flag="--num_classes", one_based=False):
 
 def check_adversarial(args, flag, crop):
     """The discriminator's constraints (§C.3, §C.4): loss type, 65x65 input, preprocess mode, logit size."""
-    check_adv_type(args.adv_loss_type)
+    with flag_errors():
+        check_adv_type(args.adv_loss_type)
     if args.imsize_for_adv != 65:
         raise UserError(f"--imsize-for-adv must be 65 (the discriminator has no layer l4 otherwise), "
                         f"got {args.imsize_for_adv}")
