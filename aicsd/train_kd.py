@@ -23,7 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.engine import RunLogger, seed_everything
+from common.engine import RunLogger
 from common.engine.dist import destroy, init_distributed
 from common.engine.step import Term, TrainStep
 from common.errors import UserError, flag_errors, main_guard
@@ -116,14 +116,7 @@ def main(argv=None):
     device = info.device
     defaults = aicsd.apply_defaults(args, info)
     wandb = aicsd.init_wandb(args) if info.is_main else None
-    seed_everything(args.seed)
-    resumes_state = bool(args.resume) and aicsd.is_training_state(args.resume)
-    saver = aicsd.Saver(args.save_dir, args.dataset, args.checkname, is_main=info.is_main,
-                        experiment_dir=Path(args.resume).parent if resumes_state else None)
-    saver.save_experiment_config(args)
-    train_set, val_set = aicsd.build_datasets(args)
-    batch = args.batch_size // info.world_size
-    ipe = aicsd.steps_per_epoch(train_set, batch, info)
+    saver, train_set, val_set, batch, ipe = aicsd.open_run(args, info)
     num_classes = aicsd.AICSD_NUM_CLASSES[args.dataset]
 
     teacher = aicsd.load_teacher(args, device)
@@ -144,7 +137,7 @@ def main(argv=None):
                           "backbone": args.backbone, "dataset": args.dataset, "world_size": info.world_size,
                           "ALW": args.ALW, "first_epoch_frozen": args.first_epoch_frozen})
     best_pred = 0.0
-    if resumes_state:
+    if saver.resumed:
         start = state.resume(args.resume)
     else:
         if args.resume:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.utils import data
 
 from common.datasets.camvid import CLASS_NAMES, DATASETS
+from common.engine.dist import resolve_device
 from common.errors import UserError, main_guard
 from common.evaluation import ConfusionMatrix, cityscapes_palette, save_prediction_png
 from common.models import build_model
@@ -164,18 +165,6 @@ def predict_esp(model, image, size):
     return logits.argmax(1)
 
 
-def pick_device(name):
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise UserError(f"--device {name!r} is not a device name; use cpu or cuda") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
-    return device
-
-
 class _WorkerPredictions(data.Dataset):
     """CPU data parallelism: each DataLoader worker (one torch thread, as DataLoader sets) decodes an image, runs
     the model on it (batch 1) and returns its confusion counts; avoids 2-thread spin-waits on busy machines."""
@@ -248,7 +237,7 @@ def main(argv=None):
         torch.set_num_threads(args.num_threads)
     if args.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
-    device = pick_device(args.device)
+    device = resolve_device(args.device or "auto")
     if args.dataset not in DATASETS:
         raise UserError(f"--dataset {args.dataset!r} is not available for eval_esp.py; use camvid_light")
     if args.side:

@@ -18,7 +18,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-import torch.nn.functional as F
 from torch.utils import data
 
 from common.datasets.camvid import ESP_MEAN_BGR, ESP_STD_BGR, CamVidLight
@@ -40,13 +39,14 @@ from common.engine import (
     make_sgd,
     seed_everything,
 )
+from common.engine.dist import resolve_device
 from common.errors import UserError, main_guard
-from common.losses.skd import ConferenceCrossEntropy, PairWiseCos, PixelWiseKD, upsample_bilinear
+from common.losses.skd import ConferenceCrossEntropy, PairWiseCos, PixelWiseKD
 from common.models import build_model
-from common.numerics import full_precision, set_tf32
+from common.numerics import set_tf32
 from common.recipes.run import RunState
 from common.tables.schema import make_result, write_results
-from skd.eval_esp import METHODS, add, build_esp_model, build_parser, evaluate, load_esp_checkpoint, pick_device
+from skd.eval_esp import METHODS, add, build_esp_model, build_parser, evaluate, load_esp_checkpoint
 
 # Teachers by the original's --teacher_model name; 'sd' reads their output "feat" (1/8 of the input for all).
 # The KD upsamples stride-8 logits ×8 (spec §8); ESPNet's logits are already at input size.
@@ -55,27 +55,10 @@ TEACHERS = {"psp_dsn": "pspnet_resnet101", "student_res18": "pspnet_resnet18", "
 FULL_RESOLUTION_TEACHERS = ("student_esp_d",)
 
 
-class FullResolutionTeacherKD(PixelWiseKD):
-    """:class:`PixelWiseKD` for a teacher whose logits are already at input size (ESPNet ``student_esp_d``): the
-    teacher map is used as it is instead of ×8 (the original ``CriterionKD`` would upsample it to 8× the input
-    and fail on the shape); a 1/8 student is upsampled ×8 if ``upsample``. Same KL, same mean, no τ²."""
-
-    def forward(self, logits_s, logits_t):
-        logits_s, logits_t = full_precision(logits_s), full_precision(logits_t)
-        if self.upsample:
-            logits_s = upsample_bilinear(logits_s, (logits_s.shape[2] * 8, logits_s.shape[3] * 8))
-        if logits_s.shape != logits_t.shape:
-            raise ValueError(f"FullResolutionTeacherKD: student logits {tuple(logits_s.shape)} and teacher logits "
-                             f"{tuple(logits_t.shape)} differ in shape")
-        log_p_s = F.log_softmax(logits_s / self.temperature, dim=1)
-        p_t = F.softmax(logits_t / self.temperature, dim=1)
-        return (torch.special.xlogy(p_t, p_t) - p_t * log_p_s).mean()
-
-
 def pixel_kd(args):
     """The pixel-wise KD of this student/teacher pair (the student is upsampled when it is ESPNet-C)."""
-    kind = FullResolutionTeacherKD if args.teacher_model.lower() in FULL_RESOLUTION_TEACHERS else PixelWiseKD
-    return kind(upsample=args.method.lower() == "student_esp_e", temperature=args.tem)
+    return PixelWiseKD(upsample=args.method.lower() == "student_esp_e", temperature=args.tem,
+                       upsample_teacher=args.teacher_model.lower() not in FULL_RESOLUTION_TEACHERS)
 
 
 def parse_args(argv=None):
@@ -129,7 +112,7 @@ def main(argv=None):
     set_tf32(args.tf32)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    device = pick_device(args.device)
+    device = resolve_device(args.device or "auto")
     if not args.data_dir:
         raise UserError("no CamVid data directory: pass --data-dir or set CAMVID")
     try:

@@ -507,20 +507,20 @@ def test_evaluation_accepts_and_ignores_training_flags(synthetic_camvid, tmp_pat
 def test_full_resolution_teacher_kd_is_the_legacy_kl_mean_without_upsampling():
     """skd_cvpr19.md §8 CriterionKD = KLDivLoss() (elementwise mean) of log_softmax(S/τ) against softmax(T/τ);
     for an ESPNet teacher the logits are already at the student's size (no ×8)."""
-    from skd.train_esp import FullResolutionTeacherKD
+    from common.losses.skd import PixelWiseKD
 
     torch.manual_seed(0)
     s, t = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.randn(2, 3, 8, 8, dtype=torch.float64)
     tau = 2.0
     p_t = torch.softmax(t / tau, 1)
     expected = (p_t * (p_t.log() - torch.log_softmax(s / tau, 1))).sum() / s.numel()
-    value = FullResolutionTeacherKD(temperature=tau)(s, t)
+    value = PixelWiseKD(temperature=tau, upsample_teacher=False)(s, t)
     assert value.dtype == torch.float64 and value.item() == pytest.approx(expected.item(), rel=1e-12)
     small = torch.randn(2, 3, 1, 1, dtype=torch.float64)  # a 1/8 student is upsampled ×8 with upsample=True
     up = small.expand(2, 3, 8, 8)
     p_s = torch.softmax(up / tau, 1)
     expected = (p_t * (p_t.log() - p_s.log())).sum() / up.numel()
-    assert FullResolutionTeacherKD(upsample=True, temperature=tau)(small, t).item() == pytest.approx(
+    assert PixelWiseKD(upsample=True, temperature=tau, upsample_teacher=False)(small, t).item() == pytest.approx(
         expected.item(), rel=1e-12)
 
 
@@ -553,3 +553,24 @@ def test_train_esp_distils_from_a_full_resolution_espnet_teacher(synthetic_camvi
     assert logged["loss"] == pytest.approx(logged["label"] + logged["kd"] + logged["sd"], rel=1e-6)
     result = json.loads((out / "results.json").read_text())
     assert result["teacher"] == "student_esp_d" and result["extra"]["teacher_from"] == "teacher"
+
+
+def test_camvid_light_scale_set_is_0_5_to_2_1(synthetic_camvid, monkeypatch):
+    """skd_cvpr19.md §3 / issue 13 item 4: the branch's CamVid datasets scale by 0.5 + randint(0, 16)/10."""
+    import random
+
+    from common.datasets import camvid
+
+    factors, resize = set(), camvid.cv2.resize
+
+    def recording_resize(img, dsize, *args, fx=None, fy=None, **kw):
+        if fx is not None:
+            factors.add(round(fx, 6))
+        return resize(img, dsize, *args, fx=fx, fy=fy, **kw)
+
+    monkeypatch.setattr(camvid.cv2, "resize", recording_resize)
+    ds = CamVidLight(synthetic_camvid, synthetic_camvid / "train.txt", crop_size=(64, 64), scale=True)
+    random.seed(0)
+    for _ in range(300):
+        ds[0]
+    assert factors == {round(0.5 + k / 10, 6) for k in range(17)}

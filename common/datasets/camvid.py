@@ -88,7 +88,7 @@ class CamVidLight(data.Dataset):
     OpenCV BGR, (x − ESP_MEAN_BGR) / ESP_STD_BGR; the label is the SegNet 0..11 PNG as is (void = 11 is not
     remapped; ``void_to_ignore`` maps it to ``ignore_label`` for training). ``mean`` is accepted and unused,
     as in the original. Training augmentation (a documented choice; the conference branch never released
-    its training script): ``scale`` resizes by 0.5 + randint(0, 10)/10 (image linear, label nearest),
+    its training script): ``scale`` resizes by 0.5 + randint(0, 16)/10, i.e. 0.5..2.1 (image linear, label nearest),
     ``mirror`` flips horizontally with probability 0.5; then pad bottom/right to ``crop_size`` (image 0,
     label ``ignore_label``) and crop at a random offset.
     """
@@ -119,7 +119,7 @@ class CamVidLight(data.Dataset):
         if self.void_to_ignore:
             label = np.where(label == VOID, self.ignore_label, label).astype(np.uint8)
         if self.scale:
-            f = 0.5 + random.randint(0, 10) / 10.0
+            f = 0.5 + random.randint(0, 16) / 10.0
             image = cv2.resize(image, None, fx=f, fy=f, interpolation=cv2.INTER_LINEAR)
             label = cv2.resize(label, None, fx=f, fy=f, interpolation=cv2.INTER_NEAREST)
         image = (image.astype(np.float32) - self._mean) / self._std

@@ -125,23 +125,28 @@ class PixelWiseKD(nn.Module):
     """The conference ``CriterionKD`` (§8, pixel-wise KD): KLDiv(log_softmax(z_S/τ), softmax(up×8(z_T)/τ))
     with the elementwise-mean reduction of the legacy ``KLDivLoss()`` and no τ² factor.
 
-    The teacher map is always upsampled ×8 (bilinear, align_corners=True); the student only if
-    ``upsample``. With a full-resolution ESPNet student and a stride-8 teacher both end at input size.
+    The teacher map is upsampled ×8 (bilinear, align_corners=True) — the original, for its stride-8 teachers;
+    ``upsample_teacher=False`` uses a full-resolution teacher (an ESPNet) as it is, where the original would
+    fail on the shape — and the student only if ``upsample``. With a full-resolution ESPNet student and a
+    stride-8 teacher both end at input size.
     """
 
-    def __init__(self, upsample: bool = False, temperature: float = 1.0, detach_teacher: bool = False):
+    def __init__(self, upsample: bool = False, temperature: float = 1.0, detach_teacher: bool = False,
+                 upsample_teacher: bool = True):
         super().__init__()
         self.upsample = upsample
         self.temperature = temperature
         self.detach_teacher = detach_teacher
+        self.upsample_teacher = upsample_teacher
 
     def forward(self, logits_s: torch.Tensor, logits_t: torch.Tensor) -> torch.Tensor:
         logits_s, logits_t = full_precision(logits_s), full_precision(_teacher(logits_t, self.detach_teacher))
-        logits_t = upsample_bilinear(logits_t, (logits_t.shape[2] * 8, logits_t.shape[3] * 8))
+        if self.upsample_teacher:
+            logits_t = upsample_bilinear(logits_t, (logits_t.shape[2] * 8, logits_t.shape[3] * 8))
         if self.upsample:
             logits_s = upsample_bilinear(logits_s, (logits_s.shape[2] * 8, logits_s.shape[3] * 8))
         if logits_s.shape != logits_t.shape:
-            raise ValueError(f"PixelWiseKD: student logits {tuple(logits_s.shape)} and the ×8 teacher logits "
+            raise ValueError(f"PixelWiseKD: student logits {tuple(logits_s.shape)} and the teacher logits "
                              f"{tuple(logits_t.shape)} differ in shape (set upsample for a 1/8 student)")
         log_p_s = F.log_softmax(logits_s / self.temperature, dim=1)
         p_t = F.softmax(logits_t / self.temperature, dim=1)

@@ -22,6 +22,7 @@ from common.engine.checkpoint import atomic_save
 from common.engine.data import epoch_batches, eval_loader, train_loader
 from common.engine.dist import barrier
 from common.engine.lr import poly_lr
+from common.engine.seed import seed_everything
 from common.engine.trainer import HookBase, Logging, PeriodicCheckpoint, PeriodicEval, Trainer
 from common.errors import UserError
 from common.evaluation import ConfusionMatrix, evaluate_main, write_results_json
@@ -228,19 +229,33 @@ def resolve_device(args):
 
 
 # ------------------------------------------------------------------------------------------------ run folder
+def open_run(args, info):
+    """The start both trainers share (§2.3, §2.4): seed every RNG, open the run folder (a segkd training state
+    resumes into its own folder), the data sets, the per-process batch and the iterations per epoch."""
+    seed_everything(args.seed)
+    resumes_state = bool(args.resume) and is_training_state(args.resume)
+    saver = Saver(args.save_dir, args.dataset, args.checkname, is_main=info.is_main,
+                  experiment_dir=Path(args.resume).parent if resumes_state else None)
+    saver.save_experiment_config(args)
+    train_set, val_set = build_datasets(args)
+    batch = args.batch_size // info.world_size
+    return saver, train_set, val_set, batch, steps_per_epoch(train_set, batch, info)
+
+
 class Saver:
     """``utils/saver.py`` (§2.9): ``<save-dir>/run/<dataset>/<checkname>/experiment_<k>``, ``parameters.txt``,
     ``checkpoint.pth.tar``, ``best_pred.txt`` and the cross-experiment ``model_best.pth.tar``.
 
     ``k`` is one more than the largest existing number (the original sorted the names as text, so
     ``experiment_9`` followed ``experiment_10`` and a folder was reused, §9 Q17). ``experiment_dir`` reuses
-    a given folder (a resumed segkd training state).
+    a given folder (a resumed segkd training state; ``resumed`` says so).
     """
 
     def __init__(self, save_dir, dataset, checkname, experiment_dir=None, is_main=True):
         self.directory = Path(save_dir) / "run" / dataset / checkname
         self.is_main = is_main
         self.runs = sorted(p for p in self.directory.glob("experiment_*") if _run_id(p) is not None)
+        self.resumed = experiment_dir is not None
         if experiment_dir is not None:
             self.experiment_dir = Path(experiment_dir)
         else:
