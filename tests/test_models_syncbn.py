@@ -60,6 +60,7 @@ def _worker(rank, port, out_dir):
             lo = sum(split[:rank])
             sl = slice(lo, lo + split[rank])
             torch.save(_run(_module(norm_layer("syncbn")), x[sl], grad[sl]), f"{out_dir}/split{i}_rank{rank}.pt")
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
