@@ -60,6 +60,10 @@ def test_summary_names_failures_and_passes_not_present():
 
 
 def _parsers():
+    from aicsd import train as aicsd_train
+    from aicsd import train_kd as aicsd_train_kd
+    from cirkd import train_baseline as cirkd_train_baseline
+    from cirkd import train_kd as cirkd_train_kd
     from common.train_baseline import get_parser
     from cwd.options import train_parser as cwd_parser
     from ifvd.options import train_parser as ifvd_parser
@@ -70,7 +74,11 @@ def _parsers():
             "cwd/train.py": lambda argv: cwd_parser().parse_args(argv),
             "ifvd/train.py": lambda argv: ifvd_parser().parse_args(argv),
             "skd/train_and_eval.py": lambda argv: skd_parser().parse_args(argv),
-            "skd/train_esp.py": train_esp.parse_args}
+            "skd/train_esp.py": train_esp.parse_args,
+            "cirkd/train_baseline.py": lambda argv: cirkd_train_baseline.build_parser().parse_args(argv),
+            "cirkd/train_kd.py": lambda argv: cirkd_train_kd.build_parser().parse_args(argv),
+            "aicsd/train.py": lambda argv: aicsd_train.parser().parse_args(argv),
+            "aicsd/train_kd.py": lambda argv: aicsd_train_kd.parser().parse_args(argv)}
 
 
 @pytest.mark.parametrize("target,flags", gpu_check.ENTRY_POINTS, ids=[t for t, _ in gpu_check.ENTRY_POINTS])
