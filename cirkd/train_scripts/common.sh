@@ -84,3 +84,25 @@ launch() {
         $PYTHON "$CIRKD_DIR/$entry" "$@"
     fi
 }
+
+# cityscapes_baseline METHOD WEIGHT_FLAGS... -- USER_FLAGS...: one baseline of the comparison protocol (§3.6):
+# DeepLabV3-ResNet101 -> DeepLabV3-ResNet18 and -> DeepLabV3-MobileNetV2 on Cityscapes with the method's weights
+# and the CIRKD terms off; TEACHER defaults to the train_baseline teacher, checkpoints go to $SAVE_DIR/METHOD/.
+cityscapes_baseline() {
+    local method=$1 weights=() student backbone file pretrained
+    shift
+    while [ $# -gt 0 ] && [ "$1" != "--" ]; do weights+=("$1"); shift; done
+    [ $# -gt 0 ] && shift
+    is_demo || require CITYSCAPES "Cityscapes root with leftImg8bit/ and gtFine/"
+    TEACHER=${TEACHER:-$SAVE_DIR/deeplabv3_resnet101_citys_best_model.pth}
+    require TEACHER "DeepLabV3-ResNet101 checkpoint of this dataset"
+    for student in "deeplabv3 resnet18 resnet18-imagenet.pth" "deeplab_mobile mobilenetv2 mobilenetv2-imagenet.pth"; do
+        read -r student backbone file <<< "$student"
+        pretrained=$(imagenet "$file")
+        launch train_kd.py --teacher-model deeplabv3 --teacher-backbone resnet101 --student-model "$student" \
+            --student-backbone "$backbone" --dataset citys --data "$CITYSCAPES" --teacher-pretrained "$TEACHER" \
+            "${weights[@]}" --lambda-minibatch-pixel 0 --lambda-memory-pixel 0 --lambda-memory-region 0 \
+            --save-dir "$SAVE_DIR/$method" --log-dir "$LOG_DIR" --student-pretrained-base "$pretrained" \
+            "${DEMO_FLAGS[@]}" "$@"
+    done
+}

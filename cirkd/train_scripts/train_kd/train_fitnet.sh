@@ -5,20 +5,4 @@
 # Settings of cirkd/train_scripts/common.sh (NPROC, SAVE_DIR, LOG_DIR, SEGKD_DEMO=1).
 source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
 
-is_demo || require CITYSCAPES "Cityscapes root with leftImg8bit/ and gtFine/"
-TEACHER=${TEACHER:-$SAVE_DIR/deeplabv3_resnet101_citys_best_model.pth}
-require TEACHER "DeepLabV3-ResNet101 checkpoint of this dataset"
-BACKBONE_RESNET18=$(imagenet resnet18-imagenet.pth)
-launch train_kd.py --teacher-model deeplabv3 --teacher-backbone resnet101 --student-model deeplabv3 --student-backbone resnet18 \
-    --dataset citys --data "$CITYSCAPES" --teacher-pretrained "$TEACHER" \
-    --lambda-kd 1 --lambda-fitnet 10 \
-    --lambda-minibatch-pixel 0 --lambda-memory-pixel 0 --lambda-memory-region 0 \
-    --save-dir "$SAVE_DIR/fitnet" --log-dir "$LOG_DIR" --student-pretrained-base "$BACKBONE_RESNET18" \
-    "${DEMO_FLAGS[@]}" "$@"
-BACKBONE_MOBILENETV2=$(imagenet mobilenetv2-imagenet.pth)
-launch train_kd.py --teacher-model deeplabv3 --teacher-backbone resnet101 --student-model deeplab_mobile --student-backbone mobilenetv2 \
-    --dataset citys --data "$CITYSCAPES" --teacher-pretrained "$TEACHER" \
-    --lambda-kd 1 --lambda-fitnet 10 \
-    --lambda-minibatch-pixel 0 --lambda-memory-pixel 0 --lambda-memory-region 0 \
-    --save-dir "$SAVE_DIR/fitnet" --log-dir "$LOG_DIR" --student-pretrained-base "$BACKBONE_MOBILENETV2" \
-    "${DEMO_FLAGS[@]}" "$@"
+cityscapes_baseline fitnet --lambda-kd 1 --lambda-fitnet 10 -- "$@"
