@@ -38,6 +38,13 @@ demo-camvid: setup
 bench: setup build-abn
 	$(PY) -m bench
 
+# Every method of the catalogue under the `demo` protocol (common/compare/protocols/demo.toml): synthetic data,
+# the teacher trained once and cached, 2 seeds; prints the table with the confidence intervals and writes
+# demo_runs/compare/compare.{md,csv,json,png}. A rerun redoes only unfinished runs.
+.PHONY: compare-demo
+compare-demo: setup build-abn
+	$(PY) -m common.compare demo --out demo_runs/compare --jobs 2
+
 # CUDA check on a machine with one GPU (common/gpu_check.py): builds the extension against $(PYTHON)'s own torch,
 # runs the CUDA tests, the ABN CUDA bench and one GPU step of each entry point. No venv, nothing installed.
 .PHONY: gpu-check

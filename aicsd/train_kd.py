@@ -27,9 +27,8 @@ from common.engine import RunLogger
 from common.engine.dist import destroy, init_distributed
 from common.engine.step import Term, TrainStep
 from common.errors import UserError, flag_errors, main_guard
-from common.losses.aicsd import InterChannelCorrelation, InterClassSimilarity, SegmentationLoss, adaptive_weight
-from common.losses.kd import PixelKL
-from common.losses.skd import PairWise
+from common.losses.aicsd import SegmentationLoss
+from common.methods import MethodContext, build_method, relabel
 from common.models.deeplabv3plus import model_name
 from common.numerics import set_tf32
 from common.recipes import aicsd
@@ -49,33 +48,48 @@ def check_kd_flags(args):
         raise UserError(f"--ref-epochs must be positive, got {args.ref_epochs}")
 
 
-def alpha_fn(args):
-    """ALW's α of the 0-based epoch (§4.4), warning when it exceeds 1."""
-    return lambda epoch: adaptive_weight(epoch, args.ref_epochs)
+LOG_NAMES = {"skd.pair": "pa", "aicsd.kd": "pi", "aicsd.ics": "lo", "aicsd.ic": "ic"}  # the original's names
+CONTRACT_CROP = 513  # the original's crop: DeepLabV3+ logits at 513x513, ASPP features at 33x33 (§3.4)
+
+
+def method_spec(args):
+    """The catalogue methods and parameters of the λ flags (§2.5, §4.5), in the original's order of the sum:
+    ``skd`` (preset "aicsd": pa on the ASPP features, left out under ALW, §4.4), then ``aicsd`` (pi, lo, ic and
+    ALW's α on the task loss); a flag that is not given builds nothing."""
+    names, params = [], {}
+    if args.pa_lambda is not None and not args.ALW:
+        names.append("skd")
+        params.update({"skd.pair": args.pa_lambda, "skd.pixel": 0.0, "skd.feature": "aspp", "skd.adv": 0.0,
+                       "skd.d": 0.0})
+    lambdas = (args.pi_lambda, args.lo_lambda, args.ic_lambda)
+    if args.ALW or any(value is not None for value in lambdas):
+        names.append("aicsd")
+        params.update({"aicsd.kd": args.pi_lambda or 0.0, "aicsd.ics": args.lo_lambda or 0.0,
+                       "aicsd.ic": args.ic_lambda or 0.0, "aicsd.alw": args.ALW, "aicsd.ref_epochs": args.ref_epochs,
+                       "aicsd.ics_mode": args.ics_mode})
+    return "+".join(names) or "none", params
+
+
+def build_parts(args, ctx):
+    """Terms (named as the original logs them) and ALW's task weight of the flags, from the catalogue."""
+    spec, params = method_spec(args)
+    parts = build_method(spec, ctx, **params)
+    parts.terms = relabel(parts.terms, LOG_NAMES)
+    return parts
+
+
+def contract_context(num_classes, ipe, crop=CONTRACT_CROP):
+    """The DeepLabV3+ pair as its ``extract_feature`` view describes it (§3.4) at ``crop``, with ``ipe`` steps per
+    epoch (no dummy forward: the teacher sees only the training batches)."""
+    side, aspp = crop, -(-crop // 16)
+    outputs = {"logits": (num_classes, side, side), "aspp": (256, aspp, aspp)}
+    return MethodContext("student", "teacher", outputs, dict(outputs), num_classes, 255, "batchnorm", None, ipe,
+                         (side, side))
 
 
 def build_terms(args, num_classes, ipe):
-    """The distillation terms (§2.5, §4.5) in the order the original sums them: pa, pi, lo, then ic (weight 0).
-
-    Under ``--ALW`` pi is weighted (1 − α)·λ_pi and lo α·λ_lo, and pa is left out, as the original's ALW line.
-    """
-    alpha = alpha_fn(args)
-    alw = args.ALW
-    terms = []
-    if args.pa_lambda is not None and not alw:
-        terms.append(Term("pa", args.pa_lambda, PairWise(scale=0.5), ("s.aspp", "t.aspp")))
-    if args.pi_lambda is not None:
-        weight = aicsd.epoch_weight(lambda e: (1 - alpha(e)) * args.pi_lambda, ipe) if alw else args.pi_lambda
-        terms.append(Term("pi", weight, PixelKL(temperature=1.0), ("s.logits", "t.logits")))
-    if args.lo_lambda is not None:
-        ics = InterClassSimilarity(num_classes, temperature=1.0, mode=args.ics_mode)
-        weight = aicsd.epoch_weight(lambda e: alpha(e) * args.lo_lambda, ipe) if alw else args.lo_lambda
-        terms.append(Term("lo", weight, ics, ("s.logits", "t.logits")))
-    if args.ic_lambda is not None:
-        ic = InterChannelCorrelation()
-        terms.append(Term("ic", 0.0, lambda s, t: args.ic_lambda * ic(s, t), ("s.logits", "t.logits"),
-                          log_weighted=False))
-    return terms
+    """The terms of :func:`build_parts` for the pair of :func:`contract_context`."""
+    return build_parts(args, contract_context(num_classes, ipe)).terms
 
 
 def method_name(args):
@@ -124,11 +138,9 @@ def main(argv=None):
     optimizer = aicsd.make_optimizer(aicsd.param_groups(student, args.lr), args)
     with flag_errors():
         ce = SegmentationLoss(args.loss_type, batch_average=args.ce_batch_average).to(device)
-        if args.ALW:
-            adaptive_weight(0, args.ref_epochs)  # a bad --ref-epochs stops here, not at the first step
-        task_weight = aicsd.epoch_weight(alpha_fn(args), ipe) if args.ALW else 1.0
-        task = Term("ce", task_weight, ce, ("s.logits", "labels"))
-        terms = build_terms(args, num_classes, ipe)
+    parts = build_parts(args, contract_context(num_classes, ipe, args.crop_size))
+    task = Term("ce", parts.task_weight or 1.0, ce, ("s.logits", "labels"))
+    terms = parts.terms
     common = dict(task=task, base_lr=args.lr, device=device, teacher=teacher, terms=terms,
                   teacher_train=not args.teacher_eval, poly_groups="all", total_name="loss", log_adversarial=False)
     step = TrainStep(student, optimizer=optimizer, **common)

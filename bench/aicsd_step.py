@@ -64,9 +64,9 @@ def make_step(args, student, teacher, ipe=IPE):
 
     optimizer = aicsd.make_optimizer(aicsd.param_groups(student, args.lr), args)
     ce = SegmentationLoss(args.loss_type, batch_average=args.ce_batch_average)
-    task_weight = aicsd.epoch_weight(train_kd.alpha_fn(args), ipe) if args.ALW else 1.0
-    task = Term("ce", task_weight, ce, ("s.logits", "labels"))
-    terms = train_kd.build_terms(args, aicsd.AICSD_NUM_CLASSES[args.dataset], ipe)
+    parts = train_kd.build_parts(args, train_kd.contract_context(aicsd.AICSD_NUM_CLASSES[args.dataset], ipe))
+    task = Term("ce", parts.task_weight or 1.0, ce, ("s.logits", "labels"))
+    terms = parts.terms
     return TrainStep(student, optimizer=optimizer, task=task, base_lr=args.lr, device=CPU.device, teacher=teacher,
                      terms=terms, teacher_train=not args.teacher_eval, poly_groups="all", total_name="loss",
                      log_adversarial=False)

@@ -84,7 +84,7 @@ def bench_ifv(num_classes, rounds):
 def bench_overhead(rounds, batch=2, crop=512, adv=True):
     from common.models import build_model
     from ifvd.options import train_parser
-    from ifvd.train import build_discriminator, build_step
+    from ifvd.train import build_step
 
     torch.manual_seed(0)
     device = torch.device("cpu")
@@ -95,8 +95,8 @@ def bench_overhead(rounds, batch=2, crop=512, adv=True):
     data = (torch.randn(batch, 3, crop, crop), labels.float())
     base_args = train_parser().parse_args(["--kd", "False", "--ifv", "False", "--adv", "False"])
     args = train_parser().parse_args([] if adv else ["--adv", "False"])
-    steps = {"baseline": build_step(base_args, student, teacher, None, device),
-             "ifvd": build_step(args, student, teacher, build_discriminator(args, device) if adv else None, device)}
+    steps = {"baseline": build_step(base_args, student, teacher, device),
+             "ifvd": build_step(args, student, teacher, device)}
     samples = timing.interleave({name: (lambda s=step: s(data, 0)) for name, step in steps.items()},
                                 rounds=rounds, warmup=1)
     overhead = timing.ratio(samples, "ifvd", "baseline")

@@ -21,7 +21,7 @@ ROUNDS = 3
 def bench_overhead(rounds, batch=2, crop=512):
     from common.models import build_model
     from skd.options import train_parser
-    from skd.train_and_eval import build_discriminator, build_step
+    from skd.train_and_eval import build_step
 
     torch.manual_seed(0)
     script = ["--weight-decay", "5e-4", "--lambda-pa", "0.5", "--pool-scale", "0.5", "--lambda-pi", "10.0",
@@ -34,8 +34,8 @@ def bench_overhead(rounds, batch=2, crop=512):
     labels = torch.randint(0, 19, (batch, crop, crop))
     labels[:, :32] = 255
     data = (torch.randn(batch, 3, crop, crop), labels.float())
-    steps = {"baseline": build_step(base_args, student, teacher, None, device),
-             "skd": build_step(args, student, teacher, build_discriminator(args, device, []), device)}
+    steps = {"baseline": build_step(base_args, student, teacher, device),
+             "skd": build_step(args, student, teacher, device)}
     samples = timing.interleave({name: (lambda s=step: s(data, 0)) for name, step in steps.items()},
                                 rounds=rounds, warmup=1)
     overhead = timing.ratio(samples, "skd", "baseline")

@@ -4,10 +4,11 @@
         --pretrained kd_deeplabv3_resnet18_citys_best_model.pth --save-dir runs/logs [--scales 0.75 1.0 --flip-eval]
     torchrun --nproc_per_node=4 cirkd/eval.py ...   # each process scores its own images, sums are all-reduced
 
-Whole-image inference; with several ``--scales`` and ``--flip-eval`` the raw logits are averaged. CIRKD's metric
-with its quirks (truncated-logit pixAcc, absent classes count 0) unless ``--corrected-metric``. CamVid is
-evaluated on its test list (as the original). Log: ``<save-dir>/<model>_<backbone>_<dataset>_multiscale_val.txt``
-(append); ``--save-pred``: palette PNGs (and with ``--blend`` overlays) in ``<save-dir>/<model>_<backbone>_<dataset>/``;
+Whole-image inference; with several ``--scales`` (image size ``floor(H·s)``, the original's ``scale_factor``) and
+``--flip-eval`` the raw logits are averaged. CIRKD's metric with its quirks (truncated-logit pixAcc, absent classes
+count 0) unless ``--corrected-metric``. CamVid is evaluated on its test list (as the original). Log:
+``<save-dir>/<model>_<backbone>_<dataset>_multiscale_val.txt`` (append); ``--save-pred``: palette PNGs (with
+``--blend`` 0.3·image + 0.7·colour prediction instead) in ``<save-dir>/<model>_<backbone>_<dataset>/``;
 ``results.json`` in ``<save-dir>/<checkpoint stem>_<split>/``.
 """
 import argparse
@@ -24,8 +25,10 @@ from common.datasets.catalog import CIRKD_EVAL_SPLITS, CIRKD_NUM_CLASSES
 from common.engine.dist import destroy, init_distributed
 from common.errors import main_guard
 from common.evaluation import write_results_json
+from common.io import output_dir
 from common.numerics import set_tf32
 from common.recipes import cirkd
+from common.recipes.options import finite_float
 
 CHECKPOINT_HINT = ("pass the checkpoint written by train_baseline.py or train_kd.py for this "
                    "--model/--backbone/--dataset")
@@ -43,10 +46,12 @@ def build_parser():
     parser.add_argument("--save-dir", default="../runs/logs/", help="directory of the log and the predictions")
     parser.add_argument("--save-pred", action="store_true", default=False, help="save palette PNG predictions")
     parser.add_argument("--ignore-label", type=int, default=-1, metavar="N", help="unused (the metric ignores -1)")
-    parser.add_argument("--scales", default=[1.0], type=float, nargs="+", help="multiple scales")
+    parser.add_argument("--scales", default=[1.0], type=finite_float, nargs="+", help="multiple scales")
     parser.add_argument("--flip-eval", action="store_true", default=False, help="flip evaluation")
+    parser.add_argument("--aux", action="store_true", default=False,
+                        help="accepted and ignored, as the original: the aux head follows the backbone")
     parser.add_argument("--blend", action="store_true", default=False,
-                        help="with --save-pred also save the prediction blended over the image")
+                        help="with --save-pred save 0.3*image + 0.7*colour prediction instead of the prediction")
     cirkd.add_launch_flags(parser)
     parser.add_argument("--corrected-metric", action="store_true",
                         help="added: pixAcc on the true argmax, mIoU over the classes present (float64 sums)")
@@ -97,7 +102,7 @@ def main(argv=None):
     model = model.to(info.device)
     dataset = cirkd.eval_set(args.dataset, args.data, args.data_list)
 
-    save_dir = Path(args.save_dir).expanduser()
+    save_dir = output_dir(Path(args.save_dir).expanduser(), "--save-dir")
     stem = f"{args.model}_{args.backbone}_{args.dataset}"
     logger = cirkd.eval_logger("cirkd.eval", save_dir / f"{stem}_multiscale_val.txt", info.is_main)
     logger.info(args)

@@ -23,8 +23,10 @@ from common.engine.data import eval_loader
 from common.engine.dist import barrier, destroy, init_distributed
 from common.errors import UserError, main_guard
 from common.evaluation import predict_multiscale, save_test_prediction
+from common.io import output_dir
 from common.numerics import set_tf32
 from common.recipes import cirkd
+from common.recipes.options import finite_float
 
 ORIGINAL_LIST = "./dataset/list/cityscapes/test.lst"  # the original default: the shipped CIRKD test list
 
@@ -43,7 +45,9 @@ def build_parser():
     parser.add_argument("--save-dir", default="../runs/logs/", help="directory of the log and the predictions")
     parser.add_argument("--save-pred", action="store_true", default=False, help="save the labelId PNGs")
     parser.add_argument("--flip-eval", action="store_true", default=False, help="flip evaluation")
-    parser.add_argument("--scales", default=[1.0], type=float, nargs="+", help="multiple scales")
+    parser.add_argument("--aux", action="store_true", default=False,
+                        help="accepted and ignored, as the original: the aux head follows the backbone")
+    parser.add_argument("--scales", default=[1.0], type=finite_float, nargs="+", help="multiple scales")
     cirkd.add_launch_flags(parser)
     return parser
 
@@ -65,7 +69,7 @@ def main(argv=None):
     list_path = None if args.data_list == ORIGINAL_LIST else args.data_list
     dataset = cirkd_cityscapes(args.data, "test", list_path=list_path)
 
-    save_dir = Path(args.save_dir).expanduser()
+    save_dir = output_dir(Path(args.save_dir).expanduser(), "--save-dir")
     stem = f"{args.model}_{args.backbone}_{args.dataset}"
     logger = cirkd.eval_logger("cirkd.test", save_dir / f"{stem}_log.txt", info.is_main)
     logger.info(args)
@@ -75,7 +79,8 @@ def main(argv=None):
     with torch.no_grad():
         for i, (image, _, names) in enumerate(loader):
             image = image.to(info.device)
-            logits = predict_multiscale(model, image, tuple(image.shape[-2:]), args.scales, args.flip_eval)
+            logits = predict_multiscale(model, image, tuple(image.shape[-2:]), args.scales, args.flip_eval,
+                                        rounding="floor")
             if args.save_pred:
                 pred = logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
                 save_test_prediction(pred, out_dir / f"{names[0]}.png", None)

@@ -5,7 +5,8 @@
     torchrun --nproc_per_node=8 cirkd/train_baseline.py ...   # --batch-size 16 is the total batch
 
 Task loss CE + 0.4·CE_aux (ResNet) or CE (mobile), one SGD group over all parameters (lr 0.02, momentum 0.9,
-weight decay 1e-4), poly lr before each step, validation every ``--val-per-iters`` with a copy of the best model.
+weight decay 1e-4), poly lr before each step, validation every ``--val-per-iters`` writing the latest checkpoint
+(the original's ``save_checkpoint`` at every validation) and a copy of the best model.
 Files: ``<save-dir>/<model>_<backbone>_<dataset>.pth`` (latest), ``..._best_model.pth``,
 ``<log-dir>/<model>_<backbone>_<dataset>_log.txt``; the added run folder
 ``<save-dir>/<model>_<backbone>_<dataset>_run/`` (``training_state.pth`` for ``--resume-state``, ``results.json``,
@@ -28,6 +29,7 @@ from common.engine.step import TrainStep
 from common.errors import main_guard
 from common.numerics import resolve_amp, set_tf32
 from common.recipes import cirkd
+from common.recipes.options import finite_float
 from common.recipes.run import run_fields
 
 
@@ -39,7 +41,7 @@ def build_parser():
     cirkd.add_data_flags(parser)
     parser.add_argument("--aux", action="store_true", default=False,
                         help="ignored: the aux head follows the backbone (resnet: on, mobile: off)")
-    parser.add_argument("--aux-weight", type=float, default=0.4, help="ignored: the aux weight is 0.4")
+    parser.add_argument("--aux-weight", type=finite_float, default=0.4, help="ignored: the aux weight is 0.4")
     cirkd.add_training_flags(parser)
     parser.add_argument("--pretrained-base", type=str, default="resnet18-5c106cde.pth",
                         help="ImageNet backbone file, or None")
@@ -81,7 +83,7 @@ def main(argv=None):
     stem = f"{args.model}_{args.backbone}_{args.dataset}"
     cirkd.train(args, step, info, crop=crop, stem=stem, log_file=f"{stem}_log.txt",
                 labels=(("Task Loss", "task"),), fields=run_info(args, name, crop),
-                logger_name="cirkd.train_baseline")
+                logger_name="cirkd.train_baseline", latest_at_validation=True)
     destroy()
 
 

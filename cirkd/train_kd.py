@@ -27,22 +27,14 @@ import torch
 from common.datasets.catalog import CIRKD_NUM_CLASSES
 from common.engine import seed_everything
 from common.engine.dist import destroy, init_distributed
-from common.engine.lr import make_adam, make_sgd
-from common.engine.step import Adversary, Term, TrainStep
-from common.errors import UserError, flag_errors, main_guard
-from common.losses import adversarial
-from common.losses.at import AttentionTransfer
-from common.losses.cirkd import MemoryContrast, MiniBatchPixelRelation, per_class_contrast_size
-from common.losses.cwd import ChannelWiseDivergence
-from common.losses.dsd import DSD
-from common.losses.fitnet import FitNet
-from common.losses.ifvd import IntraClassFeatureVariation
-from common.losses.kd import LogitKD
-from common.losses.skd import PairWise
-from common.models import Discriminator
-from common.models.norm import BN_NORMS, norm_layer
+from common.engine.lr import make_sgd
+from common.engine.step import TrainStep
+from common.errors import UserError, main_guard
+from common.losses.cirkd import per_class_contrast_size
+from common.methods import MethodContext, build_method, method_context, relabel
 from common.numerics import resolve_amp, set_tf32
 from common.recipes import cirkd
+from common.recipes.options import finite_float, positive_int
 from common.recipes.run import run_fields
 
 TEACHER_HINT = ("train it with cirkd/train_scripts/train_baseline/citys/deeplabv3_res101.sh or download "
@@ -69,19 +61,19 @@ def build_parser():
     parser.add_argument("--region-memory-size", type=int, default=2000, help="region queue length per class")
     parser.add_argument("--region-contrast-size", type=int, default=1024, help="region negatives (all classes)")
     parser.add_argument("--pixel-contrast-size", type=int, default=4096, help="pixel negatives (all classes)")
-    parser.add_argument("--kd-temperature", type=float, default=1.0, help="logits KD temperature")
-    parser.add_argument("--contrast-kd-temperature", type=float, default=1.0,
+    parser.add_argument("--kd-temperature", type=finite_float, default=1.0, help="logits KD temperature")
+    parser.add_argument("--contrast-kd-temperature", type=finite_float, default=1.0,
                         help="similarity-distribution KD temperature")
-    parser.add_argument("--contrast-temperature", type=float, default=0.1, help="similarity temperature")
-    parser.add_argument("--lambda-kd", type=float, default=1.0, help="weight of the logits KD")
-    parser.add_argument("--lambda-minibatch-pixel", type=float, default=1.0, help="weight of the mini-batch p2p")
-    parser.add_argument("--lambda-memory-pixel", type=float, default=0.1, help="weight of the memory p2p")
-    parser.add_argument("--lambda-memory-region", type=float, default=0.1, help="weight of the memory p2r")
+    parser.add_argument("--contrast-temperature", type=finite_float, default=0.1, help="similarity temperature")
+    parser.add_argument("--lambda-kd", type=finite_float, default=1.0, help="weight of the logits KD")
+    parser.add_argument("--lambda-minibatch-pixel", type=finite_float, default=1.0, help="weight of the mini-batch p2p")
+    parser.add_argument("--lambda-memory-pixel", type=finite_float, default=0.1, help="weight of the memory p2p")
+    parser.add_argument("--lambda-memory-region", type=finite_float, default=0.1, help="weight of the memory p2r")
     for flag, what in (("adv", "the generator adversarial term"), ("d", "the discriminator loss"),
                        ("skd", "SKD pair-wise"), ("cwd-fea", "CWD on the embeddings"),
                        ("cwd-logit", "CWD on the logits"), ("ifv", "IFVD"), ("fitnet", "FitNet"),
                        ("at", "attention transfer"), ("psd", "DSD pixel-wise"), ("csd", "DSD category-wise")):
-        parser.add_argument(f"--lambda-{flag}", type=float, default=0.0, help=f"weight of {what} (baseline KD)")
+        parser.add_argument(f"--lambda-{flag}", type=finite_float, default=0.0, help=f"weight of {what} (baseline KD)")
     parser.add_argument("--teacher-pretrained", type=str, default="None", help="teacher segmentation checkpoint")
     parser.add_argument("--student-pretrained-base", type=str, default="None", help="student ImageNet backbone")
     parser.add_argument("--teacher-pretrained-base", type=str, default="None", help="unused (the original's)")
@@ -92,6 +84,10 @@ def build_parser():
                              "0..n-1 of the image, §8.1)")
     parser.add_argument("--minibatch-pooling", action="store_true",
                         help=f"{add}2x2 average pooling before the mini-batch relation (the README's memory saver)")
+    parser.add_argument("--minibatch-group", type=positive_int, default=None, metavar="N",
+                        help=f"{add}the mini-batch relation within groups of N images of each process's batch "
+                             "(default: the whole batch, as the original; 2: the paper's 8 GPUs x 2 images on any "
+                             "number of GPUs)")
     parser.add_argument("--log-name-with-dataset", action="store_true",
                         help=f"{add}log file <student-model>_<teacher-backbone>_<student-backbone>_<dataset>_log.txt "
                              "(the original drops the dataset)")
@@ -122,89 +118,79 @@ def check_args(args):
     return crop
 
 
-def embedding_channels(model):
-    """``C`` of the embedding ``out[-1]`` from a dummy forward in eval mode (§1.3 step 4); the model's state is
-    not changed."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        channels = model(torch.zeros(1, 3, 64, 64))[-1].shape[1]
-    model.train(was_training)
-    return channels
+def check_minibatch_group(args, world_size):
+    """``--minibatch-group N`` must split each process's batch (``--batch-size`` / processes) into whole groups."""
+    batch = args.batch_size // world_size
+    if args.lambda_minibatch_pixel and args.minibatch_group and batch % args.minibatch_group:
+        raise UserError(f"--minibatch-group {args.minibatch_group} does not divide the {batch} images per process "
+                        f"(--batch-size {args.batch_size} over {world_size} processes); use a divisor of {batch}")
 
 
-class PairOfTerms:
-    """Two terms of one call (``MemoryContrast`` -> (p2p, p2r), ``DSD`` -> (psd, csd)): ``first`` computes both,
-    ``second`` returns the other value of the same call."""
+LOG_NAMES = {"cirkd.minibatch": "minibatch_pixel", "cirkd.memory_pixel": "memory_pixel",
+             "cirkd.memory_region": "memory_region", "skd.pair": "skd", "cwd.feat": "cwd_fea",
+             "cwd.logits": "cwd_logit", "ifvd": "ifv", "dsd.psd": "psd", "dsd.csd": "csd"}  # the original's log names
+ADVERSARIAL = ("skd", "ifvd", "cwd")
 
-    def __init__(self, fn):
-        self.fn = fn
-        self.inputs, self.values = None, None
 
-    def first(self, *inputs):
-        self.inputs, self.values = inputs, self.fn(*inputs)
-        return self.values[0]
+def method_spec(args):
+    """The catalogue methods (``common/methods``, preset "cirkd") and parameters of the flags, in the original's
+    order of terms (§1.3 step 7, §1.4): kd, cirkd, skd, cwd, ifvd, at, fitnet, dsd (DSD only with both of its
+    weights); the discriminator (λ_adv or λ_d ≠ 0) goes with the first adversarial baseline, else with an
+    otherwise empty ``skd``."""
+    methods = {
+        "kd": {"weight": args.lambda_kd, "temperature": args.kd_temperature},
+        "cirkd": {"minibatch": args.lambda_minibatch_pixel, "memory_pixel": args.lambda_memory_pixel,
+                  "memory_region": args.lambda_memory_region, "contrast_temperature": args.contrast_temperature,
+                  "contrast_kd_temperature": args.contrast_kd_temperature,
+                  "pixel_memory_size": args.pixel_memory_size, "region_memory_size": args.region_memory_size,
+                  "pixel_contrast_size": args.pixel_contrast_size, "region_contrast_size": args.region_contrast_size,
+                  "pooling": args.minibatch_pooling, "minibatch_group": args.minibatch_group or 0,
+                  "faithful_pixel_enqueue": not args.fixed_pixel_enqueue},
+        "skd": {"pair": args.lambda_skd},
+        "cwd": {"feat": args.lambda_cwd_fea, "logits": args.lambda_cwd_logit},
+        "ifvd": {"ifv": args.lambda_ifv},
+        "at": {"weight": args.lambda_at},
+        "fitnet": {"weight": args.lambda_fitnet},
+        "dsd": {"psd": args.lambda_psd, "csd": args.lambda_csd} if args.lambda_psd and args.lambda_csd else {},
+    }
+    weight_keys = {"kd": ("weight",), "cirkd": ("minibatch", "memory_pixel", "memory_region")}
+    names = [name for name, params in methods.items() if any(params[k] for k in weight_keys.get(name, params))]
+    if args.lambda_adv or args.lambda_d:
+        carrier = next((name for name in names if name in ADVERSARIAL), None)
+        if carrier is None:
+            carrier = "skd"
+            names.append(carrier)
+        methods[carrier].update(adv=args.lambda_adv, d=args.lambda_d)
+    for name in names:
+        if name in ADVERSARIAL:
+            methods[name].setdefault("adv", 0.0)
+            methods[name].setdefault("d", 0.0)
+    params = {f"{name}.{key}": value for name in names for key, value in methods[name].items()}
+    return "+".join(names) or "none", params
 
-    def second(self, *inputs):
-        if self.inputs is None or any(a is not b for a, b in zip(inputs, self.inputs)):
-            raise RuntimeError("PairOfTerms.second must follow first on the same tensors")
-        value, self.inputs, self.values = self.values[1], None, None
-        return value
+
+def build_parts(args, ctx):
+    """The terms (renamed as the original logs them), modules and discriminator of the flags, from the catalogue."""
+    spec, params = method_spec(args)
+    parts = build_method(spec, ctx, preset=None if spec == "none" else "cirkd", **params)
+    parts.terms = relabel(parts.terms, LOG_NAMES)
+    return parts
+
+
+def contract_context(args, num_classes, aux, c_s, c_t, norm):
+    """The pair as CIRKD's output contract describes it (§2.6): ``[logits, aux, feat]`` at stride 8 of
+    ``--crop-size`` (no aux on a mobile student), embeddings of ``c_s`` / ``c_t`` channels."""
+    h, w = (c // 8 for c in args.crop_size)
+    student = {"logits": (num_classes, h, w), **({"aux": (num_classes, h, w)} if aux else {}), "feat": (c_s, h, w)}
+    teacher = {"logits": (num_classes, h, w), "aux": (num_classes, h, w), "feat": (c_t, h, w)}
+    return MethodContext(args.student_model, args.teacher_model, student, teacher, num_classes, cirkd.IGNORE_LABEL,
+                         norm, args.max_iterations, None, tuple(args.crop_size))
 
 
 def build_terms(args, num_classes, aux, c_s, c_t, norm):
-    """The distillation terms in the original's order and the trainable modules they own, by name."""
-    terms, modules = [], {}
-    if args.lambda_kd:
-        terms.append(Term("kd", args.lambda_kd, LogitKD(args.kd_temperature)))
-    if args.lambda_minibatch_pixel:
-        relation = MiniBatchPixelRelation(args.contrast_temperature, pooling=args.minibatch_pooling)
-        terms.append(Term("minibatch_pixel", args.lambda_minibatch_pixel, relation, ("s.feat", "t.feat")))
-    if args.lambda_memory_pixel or args.lambda_memory_region:
-        memory = modules["memory"] = MemoryContrast(
-            num_classes, args.pixel_memory_size, args.region_memory_size,
-            per_class_contrast_size(args.region_contrast_size, num_classes),
-            per_class_contrast_size(args.pixel_contrast_size, num_classes), args.contrast_kd_temperature,
-            args.contrast_temperature, c_s, c_t, cirkd.IGNORE_LABEL, norm_layer=norm_layer(norm, choices=BN_NORMS),
-            faithful_pixel_enqueue=not args.fixed_pixel_enqueue)
-        pair = PairOfTerms(memory)
-        inputs = ("s.feat", "t.feat", "labels")
-        terms += [Term("memory_pixel", args.lambda_memory_pixel, pair.first, inputs),
-                  Term("memory_region", args.lambda_memory_region, pair.second, inputs)]
-    if args.lambda_skd:
-        skd = PairWise(pool_size=2, normalize="l2", detach_teacher=True)
-        terms.append(Term("skd", args.lambda_skd, skd, ("s.feat", "t.feat")))
-    if args.lambda_cwd_fea or args.lambda_cwd_logit:
-        cwd = modules["cwd"] = ChannelWiseDivergence("channel", "kl", 4.0, s_channels=c_s, t_channels=c_t)
-        if args.lambda_cwd_fea:
-            terms.append(Term("cwd_fea", args.lambda_cwd_fea, cwd, ("s.feat", "t.feat")))
-        if args.lambda_cwd_logit:
-            terms.append(Term("cwd_logit", args.lambda_cwd_logit, cwd, ("s.logits", "t.logits")))
-    if args.lambda_ifv:
-        ifv = IntraClassFeatureVariation(num_classes, ignore_index=cirkd.IGNORE_LABEL)
-        terms.append(Term("ifv", args.lambda_ifv, ifv, ("s.feat", "t.feat", "labels")))
-    if args.lambda_at:
-        terms.append(Term("at", args.lambda_at, AttentionTransfer(), ("s.feat", "t.feat")))
-    if args.lambda_fitnet:
-        fitnet = modules["fitnet"] = FitNet(c_s, c_t)
-        terms.append(Term("fitnet", args.lambda_fitnet, fitnet, ("s.feat", "t.feat")))
-    if args.lambda_psd and args.lambda_csd:
-        # DSD reads [out[-2], out[-1], out[0]]: out[-2] is the aux logits, the main logits on a mobile net (§8.15)
-        second_last = "aux" if aux else "logits"
-        inputs = (f"s.{second_last}", "s.feat", "s.logits", "t.aux", "t.feat", "t.logits")
-        pair = PairOfTerms(DSD())
-        terms += [Term("psd", args.lambda_psd, pair.first, inputs), Term("csd", args.lambda_csd, pair.second, inputs)]
-    return terms, modules
-
-
-def build_adversary(args, num_classes, norm, device):
-    """SAGAN D on the logits, hinge losses, Adam(4e-4, (0.9, 0.99)) at a constant lr (§1.4, §3.7)."""
-    if not (args.lambda_adv or args.lambda_d):
-        return None
-    disc = Discriminator(1, 65, 64, num_classes, norm_layer=norm_layer(norm, choices=BN_NORMS)).to(device)
-    optimizer = make_adam(disc.parameters(), 4e-4, betas=(0.9, 0.99))
-    return Adversary(disc, optimizer, 4e-4, adversarial, adv_type="hinge", lambda_adv=args.lambda_adv,
-                     lambda_d=args.lambda_d, order="student_first", poly=False)
+    """The (terms, modules) of :func:`build_parts` for the pair of :func:`contract_context`."""
+    parts = build_parts(args, contract_context(args, num_classes, aux, c_s, c_t, norm))
+    return parts.terms, parts.modules
 
 
 def method_of(args):
@@ -240,6 +226,7 @@ def main(argv=None):
     set_tf32(args.tf32)
     torch.backends.cudnn.benchmark = False
     info = init_distributed(cirkd.resolve_device_flag(args))
+    check_minibatch_group(args, info.world_size)
     seed_everything(args.seed)  # the same seed on every rank: identical initial student, head and queues
     num_classes = CIRKD_NUM_CLASSES[args.dataset]
     norm = cirkd.resolve_norm(args.norm, info)
@@ -247,15 +234,14 @@ def main(argv=None):
     cirkd.load_weights(teacher, args.teacher_pretrained, "--teacher-pretrained", TEACHER_HINT)
     student = cirkd.build_network(s_name, num_classes, norm, args.student_pretrained_base,
                                   flag="--student-pretrained-base")
-    with flag_errors():
-        terms, modules = build_terms(args, num_classes, aux, embedding_channels(student),
-                                     embedding_channels(teacher), norm)
     device = info.device
     student, teacher = student.to(device), teacher.to(device)
-    modules = {name: module.to(device) for name, module in modules.items()}
+    ctx = method_context(student, teacher, num_classes=num_classes, ignore_index=cirkd.IGNORE_LABEL, norm=norm,
+                         total_steps=args.max_iterations, crop=crop, student_name=s_name, teacher_name=t_name)
+    parts = build_parts(args, ctx)
+    terms, modules, adversary = parts.terms, parts.modules, parts.adversary
     params = itertools.chain(student.parameters(), *(m.parameters() for m in modules.values()))
     optimizer = make_sgd(params, args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    adversary = build_adversary(args, num_classes, norm, device)
     step = TrainStep(student, task=cirkd.task_term(aux), optimizer=optimizer, base_lr=args.lr, device=device,
                      teacher=teacher, terms=terms, modules=modules, adversary=adversary,
                      amp=resolve_amp(args.amp, device, args.amp_dtype), total_name="loss", log_adversarial=False)

@@ -8,6 +8,11 @@ class UserError(Exception):
     """A mistake in what the user handed in (path, flag, checkpoint, data); the message names the fix."""
 
 
+class NonFiniteLoss(UserError):
+    """A training loss turned nan/inf: the step raises it before the update, so parameters and files stay at
+    the last finite state (issue 18 item 7)."""
+
+
 EXIT_USER_ERROR = 2
 WORKER_TRACEBACK = "Original Traceback (most recent call last):"
 

@@ -31,6 +31,15 @@ def resolve_amp(enabled, device, dtype=None):
     return dtype
 
 
+def compute_dtype():
+    """The dtype the training step and the evaluations cast images to: torch's default, float32 as in the originals.
+
+    Test-only: the regression guard (tests/regression/psp_runs.py) sets float64 with ``torch.set_default_dtype``
+    so that its recorded losses do not depend on the CPU's float32 kernels; runs never change it.
+    """
+    return torch.get_default_dtype()
+
+
 def full_precision(x):
     """``x`` in at least fp32: fp16/bf16 are upcast, fp32 and float64 are kept as they are."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x

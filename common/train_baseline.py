@@ -41,7 +41,7 @@ from common.engine.dist import destroy
 from common.errors import UserError, main_guard
 from common.numerics import resolve_amp, set_tf32
 from common.recipes import psp
-from common.recipes.options import add_runtime_flags, size_pair
+from common.recipes.options import add_runtime_flags, finite_float, size_pair
 from common.recipes.run import RunState, has_results, log_args, prepare_run_dir, seed_rank
 
 STATE_NAME = "training_state.pth"
@@ -60,10 +60,10 @@ def get_parser():
     p.add_argument("--input-size", type=size_pair, default=(769, 769), help="train crop H,W")
     p.add_argument("--batch-size", type=int, default=8, help="total over all processes")
     p.add_argument("--num-steps", type=int, default=40000, help="training steps")
-    p.add_argument("--learning-rate", type=float, default=1e-2, help="SGD learning rate (poly schedule)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
-    p.add_argument("--power", type=float, default=0.9, help="poly learning-rate power")
+    p.add_argument("--learning-rate", type=finite_float, default=1e-2, help="SGD learning rate (poly schedule)")
+    p.add_argument("--momentum", type=finite_float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=finite_float, default=5e-4, help="SGD weight decay")
+    p.add_argument("--power", type=finite_float, default=0.9, help="poly learning-rate power")
     p.add_argument("--random-scale", action=argparse.BooleanOptionalAction, default=True,
                    help="random rescale of the training crops")
     p.add_argument("--random-mirror", action=argparse.BooleanOptionalAction, default=True,

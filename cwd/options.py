@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from common.errors import UserError
-from common.recipes.options import add_runtime_flags, size_text, str2bool
+from common.recipes.options import add_runtime_flags, finite_float, size_text, str2bool
 from common.recipes.psp import TEACHER, TEACHERS, smallest_adv_crop
 from common.recipes.psp import resolve_list as resolve_shipped_list
 
@@ -79,33 +79,34 @@ def train_parser():
     p.add_argument("--gpu", type=str, default="None", help="ignored by train.py, as in the original; use --device")
     p.add_argument("--batch-size", type=int, default=8, help="total batch (split over torchrun processes)")
     p.add_argument("--num-steps", type=int, default=40000, help="training steps")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--power", type=float, default=0.9, help="poly learning-rate power")
-    p.add_argument("--lr-g", type=float, default=1e-2, help="learning rate of the student (SGD)")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
+    p.add_argument("--momentum", type=finite_float, default=0.9, help="SGD momentum")
+    p.add_argument("--power", type=finite_float, default=0.9, help="poly learning-rate power")
+    p.add_argument("--lr-g", type=finite_float, default=1e-2, help="learning rate of the student (SGD)")
+    p.add_argument("--weight-decay", type=finite_float, default=5e-4, help="SGD weight decay")
     p.add_argument("--last-step", type=int, default=0, help="first step (with --S_resume; prefer --resume)")
     p.add_argument("--kd", type=str2bool, default=True, help=f"{b}: pixel-wise KD on the logits")
-    p.add_argument("--lambda-kd", type=float, default=10.0, help="weight of the pixel-wise KD term")
+    p.add_argument("--lambda-kd", type=finite_float, default=10.0, help="weight of the pixel-wise KD term")
     p.add_argument("--cwd", type=str2bool, default=True, help=f"{b}: channel-wise distillation")
     p.add_argument("--cwd-feat", type=str2bool, default=False,
                    help=f"{b}: CWD on the PSP features through the 128->512 adapter instead of the logits")
-    p.add_argument("--temperature", type=float, default=1.0, help="CWD temperature tau (kl only)")
-    p.add_argument("--lambda-cwd", type=float, default=1.0, help="weight of the CWD term")
+    p.add_argument("--temperature", type=finite_float, default=1.0, help="CWD temperature tau (kl only)")
+    p.add_argument("--lambda-cwd", type=finite_float, default=1.0, help="weight of the CWD term")
     p.add_argument("--norm-type", type=str, default="none",
                    help="CWD normalisation: channel, spatial, channel_mean or none")
     p.add_argument("--divergence", type=str, default="kl", help="CWD divergence: kl or mse")
     p.add_argument("--adv", type=str2bool, default=False, help=f"{b}: adversarial (GAN) term with a discriminator")
-    p.add_argument("--lambda-adv", type=float, default=0.001, help="weight of the adversarial term of the student")
+    p.add_argument("--lambda-adv", type=finite_float, default=0.001,
+                   help="weight of the adversarial term of the student")
     p.add_argument("--preprocess-GAN-mode", type=int, default=1,
                    help="discriminator input: 1 = BatchNorm, 2 = tanh, 3 = 2(x/255-0.5)")
     p.add_argument("--adv-loss-type", type=str, default="wgan-gp", help="adversarial loss: wgan-gp or hinge")
     p.add_argument("--imsize-for-adv", type=int, default=65, help="must be 65, as in the original")
     p.add_argument("--adv-conv-dim", type=int, default=64, help="discriminator width (original 64)")
-    p.add_argument("--lambda-gp", type=float, default=10.0, help="weight of the WGAN gradient penalty")
-    p.add_argument("--lambda-d", type=float, default=0.1, help="weight of the discriminator loss")
-    p.add_argument("--lr-d", type=float, default=4e-4, help="learning rate of the discriminator (Adam)")
+    p.add_argument("--lambda-gp", type=finite_float, default=10.0, help="weight of the WGAN gradient penalty")
+    p.add_argument("--lambda-d", type=finite_float, default=0.1, help="weight of the discriminator loss")
+    p.add_argument("--lr-d", type=finite_float, default=4e-4, help="learning rate of the discriminator (Adam)")
     p.add_argument("--ifv", type=str2bool, default=False, help="dead in CWD (accepted, has no effect)")
-    p.add_argument("--lambda-ifv", type=float, default=200.0, help="dead in CWD (accepted, has no effect)")
+    p.add_argument("--lambda-ifv", type=finite_float, default=200.0, help="dead in CWD (accepted, has no effect)")
     p.add_argument("--save-name", type=str, default="exp", help="run folder name under --save-dir")
     p.add_argument("--save-dir", type=str, default="ckpt", help="folder of the run folders")
     p.add_argument("--save-ckpt-start", type=int, default=40000, help="first save/evaluation point (steps)")

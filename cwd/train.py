@@ -18,11 +18,11 @@ import torch
 from common.engine import Logging, LRSchedule, PeriodicCheckpoint, PeriodicEval, RunLogger, Trainer, seed_everything
 from common.engine.data import eval_loader, rank_batch, train_loader
 from common.engine.dist import destroy, init_distributed
-from common.engine.step import Term, TrainStep
+from common.engine.step import TrainStep
 from common.errors import flag_errors, main_guard
 from common.io import output_dir
-from common.losses.cwd import ChannelWiseDivergence, FeatureAdapter
-from common.losses.kd import PixelKL
+from common.losses.cwd import ChannelWiseDivergence
+from common.methods import relabel
 from common.numerics import resolve_amp, set_tf32
 from common.recipes import psp
 from common.recipes.options import size_pair
@@ -70,34 +70,23 @@ def build_teacher(args, device):
     return psp.build_teacher(args, args.teacher_model, device, num_classes=args.num_classes, hint=TEACHER_HINT)
 
 
-def build_terms(args, device):
-    """The distillation terms of ``NetModel`` in its order (kd, cwd) and the feature adapter, if any."""
-    terms, modules = [], {}
-    if args.kd:
-        terms.append(Term("kd", args.lambda_kd, PixelKL(), ("s.logits", "t.logits")))
-    if args.cwd:
-        cwd = ChannelWiseDivergence(args.norm_type, args.divergence, args.temperature)
-        if args.cwd_feat:
-            adapter = modules["adapter"] = FeatureAdapter(128, 512, norm=args.norm).to(device)
-            terms.append(Term("cwd", args.lambda_cwd, lambda fs, ft: cwd(adapter(fs), ft), ("s.feat", "t.feat")))
-        else:
-            terms.append(Term("cwd", args.lambda_cwd, cwd, ("s.logits", "t.logits")))
-    return terms, modules
-
-
 def build_step(args, student, teacher, device):
-    """``NetModel``: the terms, SGD for G (+ the adapter as a second param group) and, with ``--adv``, Adam for D."""
-    terms, modules = build_terms(args, device)
-    g_opt = psp.build_g_optimizer(student, modules.values(), lr=args.lr_g, momentum=args.momentum,
+    """``NetModel`` from the catalogue: ``kd`` (preset "cwd": the pixel-wise KL) and ``cwd`` (on the logits, or with
+    ``--cwd-feat`` on the PSP features through its 128->512 adapter, which joins G's SGD as a second param group;
+    with ``--adv`` the WGAN-GP discriminator and its Adam), in the original's order (kd, cwd)."""
+    weight = args.lambda_cwd if args.cwd else 0.0
+    cwd = {"logits": 0.0 if args.cwd_feat else weight, "feat": weight if args.cwd_feat else 0.0,
+           "temperature": args.temperature, "norm_type": args.norm_type, "divergence": args.divergence,
+           "adapter": "cwd", **psp.adversary_params(args, args.lambda_adv, on=args.adv)}
+    parts = psp.build_parts(args, student, teacher, {"kd": {"weight": args.lambda_kd} if args.kd else None,
+                                                     "cwd": cwd if args.cwd or args.adv else None},
+                            preset="cwd", num_classes=args.num_classes, crop=size_pair(args.input_size),
+                            d_resume=args.D_ckpt_path if args.D_resume else None)
+    g_opt = psp.build_g_optimizer(student, parts.modules.values(), lr=args.lr_g, momentum=args.momentum,
                                   weight_decay=args.weight_decay)
-    adversary = None
-    if args.adv:
-        resume = args.D_ckpt_path if args.D_resume else None
-        disc = psp.build_discriminator(args, args.num_classes, device, resume=resume)
-        d_opt = psp.build_d_optimizer(disc, "adam", lr=args.lr_d, betas=(0.9, 0.99))
-        adversary = psp.build_adversary(args, disc, d_opt, lambda_adv=args.lambda_adv, order="student_first")
+    terms = relabel(parts.terms, {"cwd.logits": "cwd", "cwd.feat": "cwd"})
     return TrainStep(student, task=psp.task_term(ignore_index=255), optimizer=g_opt, base_lr=args.lr_g,
-                     device=device, teacher=teacher, terms=terms, modules=modules, adversary=adversary,
+                     device=device, teacher=teacher, terms=terms, modules=parts.modules, adversary=parts.adversary,
                      amp=resolve_amp(args.amp, device, args.amp_dtype))
 
 

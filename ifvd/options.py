@@ -7,7 +7,7 @@ behaviour at their defaults. ``--data-list``/``--data-listval`` default to the s
 """
 import argparse
 
-from common.recipes.options import add_runtime_flags, size_pair, str2bool
+from common.recipes.options import add_runtime_flags, finite_float, size_pair, str2bool
 from common.recipes.psp import STUDENT, TEACHER, TEACHERS
 
 OUTPUTS_HELP = "folder of the prediction PNGs (original ./outputs; '' writes none)"
@@ -42,25 +42,26 @@ def train_parser():
                    help="written to CUDA_VISIBLE_DEVICES when given (the original's default 'None' hid all GPUs)")
     p.add_argument("--batch-size", type=int, default=8, help="total batch (split over torchrun processes)")
     p.add_argument("--num-steps", type=int, default=40000, help="training steps")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--power", type=float, default=0.9, help="poly learning-rate power")
-    p.add_argument("--lr-g", type=float, default=1e-2, help="learning rate of the student (SGD)")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
+    p.add_argument("--momentum", type=finite_float, default=0.9, help="SGD momentum")
+    p.add_argument("--power", type=finite_float, default=0.9, help="poly learning-rate power")
+    p.add_argument("--lr-g", type=finite_float, default=1e-2, help="learning rate of the student (SGD)")
+    p.add_argument("--weight-decay", type=finite_float, default=5e-4, help="SGD weight decay")
     p.add_argument("--last-step", type=int, default=0, help="first step (with --S_resume; prefer --resume)")
     p.add_argument("--kd", type=str2bool, default=True, help="True/False: pixel-wise KD on the logits")
-    p.add_argument("--lambda-kd", type=float, default=10.0, help="weight of the pixel-wise KD term")
+    p.add_argument("--lambda-kd", type=finite_float, default=10.0, help="weight of the pixel-wise KD term")
     p.add_argument("--adv", type=str2bool, default=True,
                    help="True/False: adversarial (holistic) term with a discriminator")
-    p.add_argument("--lambda-adv", type=float, default=0.001, help="weight of the adversarial term of the student")
+    p.add_argument("--lambda-adv", type=finite_float, default=0.001,
+                   help="weight of the adversarial term of the student")
     p.add_argument("--preprocess-GAN-mode", type=int, default=1, help="1 = BatchNorm, 2 = tanh, 3 = 2(x/255-0.5)")
     p.add_argument("--adv-loss-type", type=str, default="wgan-gp", help="wgan-gp or hinge")
     p.add_argument("--imsize-for-adv", type=int, default=65, help="must be 65, as in the original")
     p.add_argument("--adv-conv-dim", type=int, default=64, help="must be 64, as in the original")
-    p.add_argument("--lambda-gp", type=float, default=10.0, help="weight of the WGAN gradient penalty")
-    p.add_argument("--lambda-d", type=float, default=0.1, help="weight of the discriminator loss")
-    p.add_argument("--lr-d", type=float, default=4e-4, help="learning rate of the discriminator (Adam)")
+    p.add_argument("--lambda-gp", type=finite_float, default=10.0, help="weight of the WGAN gradient penalty")
+    p.add_argument("--lambda-d", type=finite_float, default=0.1, help="weight of the discriminator loss")
+    p.add_argument("--lr-d", type=finite_float, default=4e-4, help="learning rate of the discriminator (Adam)")
     p.add_argument("--ifv", type=str2bool, default=True, help="True/False: intra-class feature variation distillation")
-    p.add_argument("--lambda-ifv", type=float, default=200.0, help="weight of the IFV term")
+    p.add_argument("--lambda-ifv", type=finite_float, default=200.0, help="weight of the IFV term")
     p.add_argument("--save-name", type=str, default="exp", help="run folder name under --save-dir")
     p.add_argument("--save-dir", type=str, default="ckpt", help="folder of the run folders")
     p.add_argument("--save-ckpt-start", type=int, default=40000, help="first save/evaluation point (steps)")

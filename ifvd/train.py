@@ -18,11 +18,10 @@ import torch
 from common.engine import Logging, LRSchedule, PeriodicCheckpoint, PeriodicEval, RunLogger, Trainer, seed_everything
 from common.engine.data import eval_loader, rank_batch, train_loader
 from common.engine.dist import init_distributed
-from common.engine.step import Term, TrainStep
+from common.engine.step import TrainStep
 from common.errors import UserError, main_guard
 from common.io import output_dir
-from common.losses.ifvd import IntraClassFeatureVariation
-from common.losses.kd import PixelKL
+from common.methods import relabel
 from common.numerics import resolve_amp, set_tf32
 from common.recipes import psp
 from common.recipes.options import apply_gpu
@@ -65,28 +64,19 @@ def build_teacher(args, device):
     return psp.build_teacher(args, args.teacher_model, device, num_classes=args.num_classes, hint=TEACHER_HINT)
 
 
-def build_discriminator(args, device):
-    """D on the 19-channel student/teacher logits (§A.3 "Discriminator"), optionally resumed."""
-    resume = args.D_ckpt_path if args.D_resume else None
-    return psp.build_discriminator(args, args.num_classes, device, resume=resume)
-
-
-def build_step(args, student, teacher, disc, device):
-    """``NetModel.optimize_parameters`` (§A.4.6): the weighted terms, SGD for G and Adam for D (§A.6)."""
-    terms = []
-    if args.kd:
-        terms.append(Term("kd", args.lambda_kd, PixelKL(temperature=1.0), ("s.logits", "t.logits")))
-    if args.ifv:
-        ifv = IntraClassFeatureVariation(args.num_classes, ignore_index=255)
-        terms.append(Term("ifv", args.lambda_ifv, ifv, ("s.feat", "t.feat", "labels")))
+def build_step(args, student, teacher, device):
+    """``NetModel.optimize_parameters`` (§A.4.6) from the catalogue: ``kd`` (preset "ifvd": the pixel-wise KL) and
+    ``ifvd`` (IFV on the PSP features, the WGAN-GP discriminator with Adam, §A.6), SGD for G; the D optionally
+    resumed from ``--D_ckpt_path``."""
+    ifvd = {"ifv": args.lambda_ifv if args.ifv else 0.0, **psp.adversary_params(args, args.lambda_adv, on=args.adv)}
+    parts = psp.build_parts(args, student, teacher, {"kd": {"weight": args.lambda_kd} if args.kd else None,
+                                                     "ifvd": ifvd if args.ifv or args.adv else None},
+                            preset="ifvd", num_classes=args.num_classes, crop=args.input_size,
+                            d_resume=args.D_ckpt_path if args.D_resume else None)
     g_opt = psp.build_g_optimizer(student, lr=args.lr_g, momentum=args.momentum, weight_decay=args.weight_decay)
-    adversary = None
-    if disc is not None:
-        d_opt = psp.build_d_optimizer(disc, "adam", lr=args.lr_d, betas=(0.9, 0.99))
-        adversary = psp.build_adversary(args, disc, d_opt, lambda_adv=args.lambda_adv, order="student_first")
     return TrainStep(student, task=psp.task_term(ignore_index=255), optimizer=g_opt, base_lr=args.lr_g,
-                     device=device, teacher=teacher, terms=terms, adversary=adversary,
-                     amp=resolve_amp(args.amp, device, args.amp_dtype))
+                     device=device, teacher=teacher, terms=relabel(parts.terms, {"ifvd": "ifv"}),
+                     adversary=parts.adversary, amp=resolve_amp(args.amp, device, args.amp_dtype))
 
 
 def run_info(args):
@@ -118,8 +108,7 @@ def main(argv=None):
 
     student = build_student(args, device)
     teacher = build_teacher(args, device)
-    disc = build_discriminator(args, device) if args.adv else None
-    step = build_step(args, student, teacher, disc, device)
+    step = build_step(args, student, teacher, device)
     state = RunState(run_dir / "training_state.pth", step, info, batch=batch,
                      run={"seed": args.seed, "num_steps": args.num_steps, "batch_size": args.batch_size,
                           "world_size": info.world_size}, extra={"run": args.save_name})

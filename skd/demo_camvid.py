@@ -31,7 +31,8 @@ from PIL import Image, ImageDraw
 
 from common.datasets.camvid import CamVidLight, read_camvid_list
 from common.errors import UserError, main_guard
-from common.io import atomic_open
+from common.io import atomic_open, output_dir
+from common.recipes.options import finite_float
 from common.tables.schema import read_results
 from skd import eval_esp, train_esp
 
@@ -52,10 +53,10 @@ def parse_args(argv=None):
     p.add_argument("--ckpt-dir", default=os.environ.get("SKD_CKPT"),
                    help=f"folder with the released {TEACHER} and {BASE} (default $SKD_CKPT)")
     p.add_argument("--out", default="demo_runs/skd_camvid", help="output folder")
-    p.add_argument("--epochs", type=float, default=1.0, help="fine-tuning epochs over the 367 train images")
+    p.add_argument("--epochs", type=finite_float, default=1.0, help="fine-tuning epochs over the 367 train images")
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: from --epochs)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--learning-rate", type=float, default=1e-3, help="initial poly lr of the fine-tunes")
+    p.add_argument("--learning-rate", type=finite_float, default=1e-3, help="initial poly lr of the fine-tunes")
     p.add_argument("--seed", type=int, default=304, help="seed of both fine-tunes (the parser's --random-seed)")
     p.add_argument("--test-images", type=int, default=None, help="evaluate only the first N test images")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -179,8 +180,7 @@ def main(argv=None):
     args = parse_args(argv)
     check_inputs(args)
     start = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(args.out, "--out")
     tests = test_list(args, out)
     num_train = len(read_camvid_list(args.camvid, Path(args.camvid) / "train.txt"))
     steps = args.steps or math.ceil(args.epochs * num_train / args.batch_size)

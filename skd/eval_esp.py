@@ -27,10 +27,11 @@ from common.datasets.camvid import CLASS_NAMES, DATASETS
 from common.engine.dist import resolve_device
 from common.errors import UserError, main_guard
 from common.evaluation import ConfusionMatrix, cityscapes_palette, save_prediction_png
+from common.io import output_dir
 from common.models import build_model
 from common.models.weights import load_checkpoint, load_state_dict_strict
-from common.numerics import set_tf32
-from common.recipes.options import str2bool
+from common.numerics import compute_dtype, set_tf32
+from common.recipes.options import finite_float, str2bool
 from common.tables.schema import make_result, write_results
 
 # ``network/__init__.py`` names of the conference code -> segkd registry names (skd_cvpr19.md §2).
@@ -80,12 +81,12 @@ def build_parser(description=__doc__):
     add(p, "--whole-scale", default="1", help="parsed and unused, as in the original")
     # Training flags of the same parser (read by train_esp.py where it implements them; parsed and unused by
     # the evaluation, as in the original). Names, types and defaults: skd_cvpr19.md §1.2 and issue 13 item 4.
-    add(p, "--learning-rate", type=float, default=1e-2)
-    add(p, "--momentum", type=float, default=0.9)
+    add(p, "--learning-rate", type=finite_float, default=1e-2)
+    add(p, "--momentum", type=finite_float, default=0.9)
     add(p, "--num-steps", type=int, default=40000)
     add(p, "--epoch", type=int, default=None, help="parsed and unused (train_esp.py counts --num-steps)")
-    add(p, "--power", type=float, default=0.9)
-    add(p, "--weight-decay", type=float, default=5e-4)
+    add(p, "--power", type=finite_float, default=0.9)
+    add(p, "--weight-decay", type=finite_float, default=5e-4)
     add(p, "--random-seed", type=int, default=304, help="seed of the training data order, augmentation and init")
     add(p, "--seed", type=int, default=304, help="parsed and unused (train_esp.py seeds with --random-seed)")
     add(p, "--random-mirror", action="store_true")
@@ -93,20 +94,20 @@ def build_parser(description=__doc__):
     add(p, "--fix", type=str2bool, nargs="?", const=True, default=False, help="parsed and unused")
     add(p, "--network", default=None, help="parsed and unused (--method picks the network)")
     add(p, "--ohem", type=str2bool, nargs="?", const=True, default=False, help="parsed and unused (no OHEM CE here)")
-    add(p, "--ohem-thres", type=float, default=0.6, help="parsed and unused")
-    add(p, "--ohem-thres1", type=float, default=0.8, help="parsed and unused")
-    add(p, "--ohem-thres2", type=float, default=0.5, help="parsed and unused")
+    add(p, "--ohem-thres", type=finite_float, default=0.6, help="parsed and unused")
+    add(p, "--ohem-thres1", type=finite_float, default=0.8, help="parsed and unused")
+    add(p, "--ohem-thres2", type=finite_float, default=0.5, help="parsed and unused")
     add(p, "--ohem-keep", type=int, default=100000, help="parsed and unused")
-    add(p, "--dsn-weight", type=float, default=0.4, help="parsed and unused (ESPNet has no DSN head)")
+    add(p, "--dsn-weight", type=finite_float, default=0.4, help="parsed and unused (ESPNet has no DSN head)")
     add(p, "--sd_mode", default="light_label", help="loss terms: 'label', 'kd', 'sd' substrings (network/net.py)")
     add(p, "--adv_loss", default="hinge", help="parsed and unused (no GAN loss in the branch, spec §8)")
-    add(p, "--weight_l", type=float, default=1.0)
-    add(p, "--weight_k", type=float, default=1.0)
-    add(p, "--weight_s", type=float, default=1.0)
-    add(p, "--weight_kf", type=float, default=1.0, help="parsed and unused")
-    add(p, "--weight_GAN", type=float, default=1.0, help="parsed and unused")
-    add(p, "--tem", type=float, default=1.0)
-    add(p, "--location", type=float, default=1.0, help="parsed and unused (discriminator input, spec §8)")
+    add(p, "--weight_l", type=finite_float, default=1.0)
+    add(p, "--weight_k", type=finite_float, default=1.0)
+    add(p, "--weight_s", type=finite_float, default=1.0)
+    add(p, "--weight_kf", type=finite_float, default=1.0, help="parsed and unused")
+    add(p, "--weight_GAN", type=finite_float, default=1.0, help="parsed and unused")
+    add(p, "--tem", type=finite_float, default=1.0)
+    add(p, "--location", type=finite_float, default=1.0, help="parsed and unused (discriminator input, spec §8)")
     add(p, "--divided_lr", type=int, default=50, help="parsed and unused")
     add(p, "--teacher_model", default="psp_dsn_floor")
     add(p, "--teacher-from", "--teacher-path", default=None, help="teacher checkpoint")
@@ -220,7 +221,7 @@ def evaluate(model, dataset, num_classes, ignore_label, device, store_dir=None, 
                              pin_memory=device.type == "cuda")
     with torch.inference_mode():
         for image, label, _, names in loader:
-            image = image.to(device).contiguous(memory_format=fmt)
+            image = image.to(device, compute_dtype()).contiguous(memory_format=fmt)
             pred = predict_esp(model, image, label.shape[1:]).cpu()
             cm.update(label.to(torch.int64), pred)
             if store_dir is not None:
@@ -252,7 +253,7 @@ def main(argv=None):
     dataset = DATASETS[args.dataset](data_dir, data_list, crop_size=(360, 480), scale=False, mirror=False)
     store_dir = args.output_path if args.store_output else None
     if store_dir:
-        os.makedirs(store_dir, exist_ok=True)
+        output_dir(store_dir, "--output-path")
     cm, count, seconds = evaluate(model, dataset, args.num_classes, args.ignore_label, device, store_dir,
                                   channels_last=args.channels_last, batch_size=args.batch_size,
                                   num_workers=args.num_workers)

@@ -7,7 +7,7 @@ here it defaults to that same list and is honoured when given.
 """
 import argparse
 
-from common.recipes.options import add_runtime_flags, size_pair, str2bool
+from common.recipes.options import add_runtime_flags, finite_float, size_pair, str2bool
 from common.recipes.psp import TEACHER, TEACHERS
 
 SAVE_PATH = "save_path"  # the literal folder name of the original's overrides (§B.2.2 step 1)
@@ -40,14 +40,14 @@ def train_parser():
     p.add_argument("--ignore-label", type=int, default=255, help="parsed but unused, as in the original")
     p.add_argument("--input-size", type=size_pair, default=(512, 512), help="training crop 'h,w'")
     p.add_argument("--is-training", action="store_true", help="unused, as in the original")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum of G and D")
+    p.add_argument("--momentum", type=finite_float, default=0.9, help="SGD momentum of G and D")
     p.add_argument("--num-steps", type=int, default=40000, help="training steps")
-    p.add_argument("--power", type=float, default=0.9, help="poly learning-rate power")
+    p.add_argument("--power", type=finite_float, default=0.9, help="poly learning-rate power")
     p.add_argument("--random-mirror", action="store_true", help="random horizontal flip (off unless given)")
     p.add_argument("--random-scale", action="store_true", help="random rescale (off unless given)")
     p.add_argument("--snapshot-dir", type=str, default="./snapshots/",
                    help="folder of the evaluated student snapshots CS_scenes_<step>_<mIoU>.pth and results.json")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="of G and D (the script passes 5e-4)")
+    p.add_argument("--weight-decay", type=finite_float, default=1e-4, help="of G and D (the script passes 5e-4)")
     p.add_argument("--gpu", type=str, default="None", help="only counted, as in the original; use --device")
     p.add_argument("--recurrence", type=int, default=1, help="unused, as in the original")
     p.add_argument("--last-step", type=int, default=0, help="the first step is last-step + 1")
@@ -61,15 +61,16 @@ def train_parser():
     p.add_argument("--adv-loss-type", type=str, default="wgan-gp", help="wgan-gp or hinge")
     p.add_argument("--imsize-for-adv", type=int, default=65, help="must be 65, as in the original")
     p.add_argument("--adv-conv-dim", type=int, default=64, help="must be 64, as in the original")
-    p.add_argument("--lambda-gp", type=float, default=10.0, help="weight of the WGAN gradient penalty")
-    p.add_argument("--lambda-d", type=float, default=0.1, help="weights the G adversarial term and the D loss")
-    p.add_argument("--lambda-pi", type=float, default=10.0, help="weight of the pixel-wise term")
-    p.add_argument("--lambda-pa", type=float, default=1.0, help="the script passes 0.5")
-    p.add_argument("--pool-scale", type=float, default=0.5, help="pooling scale of the pair-wise term, in (0, 1]")
+    p.add_argument("--lambda-gp", type=finite_float, default=10.0, help="weight of the WGAN gradient penalty")
+    p.add_argument("--lambda-d", type=finite_float, default=0.1, help="weights the G adversarial term and the D loss")
+    p.add_argument("--lambda-pi", type=finite_float, default=10.0, help="weight of the pixel-wise term")
+    p.add_argument("--lambda-pa", type=finite_float, default=1.0, help="the script passes 0.5")
+    p.add_argument("--pool-scale", type=finite_float, default=0.5,
+                   help="pooling scale of the pair-wise term, in (0, 1]")
     p.add_argument("--preprocess-GAN-mode", type=int, default=1, help="1 = BatchNorm, 2 = tanh, 3 = 2(x/255-0.5)")
-    p.add_argument("--lr-g", type=float, default=1e-2, help="learning rate of the student (SGD)")
-    p.add_argument("--lr-d", type=float, default=4e-4, help="learning rate of the discriminator (SGD)")
-    p.add_argument("--best-mean-IU", type=float, default=0.0, help="stored and unused, as in the original")
+    p.add_argument("--lr-g", type=finite_float, default=1e-2, help="learning rate of the student (SGD)")
+    p.add_argument("--lr-d", type=finite_float, default=4e-4, help="learning rate of the discriminator (SGD)")
+    p.add_argument("--best-mean-IU", type=finite_float, default=0.0, help="stored and unused, as in the original")
     add_runtime_flags(p, training=True, outputs=OUTPUTS_HELP, state_file="<log-dir>/training_state.pth", seed=None,
                       seed_help="seed everything (the original sets no seed)")
     p.add_argument("--data-listval", type=str, default=None,

@@ -20,10 +20,10 @@ from common.engine import Logging, LRSchedule, PeriodicCheckpoint, PeriodicEval,
 from common.engine.checkpoint import atomic_save
 from common.engine.data import eval_loader, rank_batch, train_loader
 from common.engine.dist import all_reduce_sum, barrier, init_distributed
-from common.engine.step import Term, TrainStep
+from common.engine.step import TrainStep
 from common.errors import UserError, main_guard
 from common.io import output_dir
-from common.losses.skd import PairWise, PixelWise
+from common.methods import relabel
 from common.models.pspnet import output_side
 from common.models.weights import remap_toolbox_teacher
 from common.numerics import resolve_amp, set_tf32
@@ -92,35 +92,24 @@ def build_teacher(args, device):
                                 remap=remap_toolbox_teacher, return_features=True)
 
 
-def build_discriminator(args, device, notes):
-    """D on the 19-channel logits (§B.3, §C.3); an optional ``model_best.pth.tar`` in the D folder."""
+def build_step(args, student, teacher, device, notes=None):
+    """``NetModel.optimize_parameters`` (§B.4.5) from the catalogue's ``skd`` (journal defaults): pixel-wise, pair-wise
+    on ``psp_feat`` (the original's feat_ind = -5 of [logits, dsn, psp_feat, x4, x3, x2, x1], §B.3; logged without
+    λ_pa, §B.2.2 step 6.4) and, with ``--ho``, the WGAN-GP discriminator with SGD (G's momentum and weight decay,
+    §B.6) called on the teacher first; an optional ``model_best.pth.tar`` in the D folder (``notes`` says so)."""
+    skd = {"pixel": args.lambda_pi if args.pi else 0.0, "pair": args.lambda_pa if args.pa else 0.0,
+           "pool_scale": args.pool_scale, "d_momentum": args.momentum, "d_weight_decay": args.weight_decay,
+           **psp.adversary_params(args, args.lambda_d, on=args.ho)}
     path = Path(args.D_ckpt_path) / "model_best.pth.tar"
-    resume = path if args.D_resume and path.is_file() else None
-    disc = psp.build_discriminator(args, args.classes_num, device, resume=resume, flag="model_best.pth.tar")
-    if resume is not None:
+    resume = path if args.ho and args.D_resume and path.is_file() else None
+    parts = psp.build_parts(args, student, teacher, {"skd": skd}, preset=None, num_classes=args.classes_num,
+                            crop=args.input_size, d_resume=resume, d_flag="model_best.pth.tar")
+    if parts.adversary is not None and resume is not None and notes is not None:
         notes.append(f"discriminator resumed from {path}")
-    return disc
-
-
-def build_step(args, student, teacher, disc, device):
-    """``NetModel.optimize_parameters`` (§B.4.5): weighted terms, SGD for G and for D (§B.6); the D step calls D
-    on the teacher first."""
-    terms = []
-    if args.pi:
-        terms.append(Term("pixelwise", args.lambda_pi, PixelWise(), ("s.logits", "t.logits")))
-    if args.pa:
-        # the original's feat_ind = -5 of [logits, dsn, psp_feat, x4, x3, x2, x1] is psp_feat (§B.3); it logs
-        # the pair-wise term without λ_pa (§B.2.2 step 6.4)
-        terms.append(Term("pairwise", args.lambda_pa, PairWise(scale=args.pool_scale), ("s.feat", "t.feat"),
-                          log_weighted=False))
     g_opt = psp.build_g_optimizer(student, lr=args.lr_g, momentum=args.momentum, weight_decay=args.weight_decay)
-    adversary = None
-    if disc is not None:
-        d_opt = psp.build_d_optimizer(disc, "sgd", lr=args.lr_d, momentum=args.momentum,
-                                      weight_decay=args.weight_decay)
-        adversary = psp.build_adversary(args, disc, d_opt, lambda_adv=args.lambda_d, order="teacher_first")
+    terms = relabel(parts.terms, {"skd.pixel": "pixelwise", "skd.pair": "pairwise"}, raw=("pairwise",))
     return TrainStep(student, task=psp.task_term(ignore_index=255), optimizer=g_opt, base_lr=args.lr_g,
-                     device=device, teacher=teacher, terms=terms, adversary=adversary,
+                     device=device, teacher=teacher, terms=terms, adversary=parts.adversary,
                      amp=resolve_amp(args.amp, device, args.amp_dtype))
 
 
@@ -170,8 +159,7 @@ def main(argv=None):
     notes = []
     student = build_student(args, device, notes)
     teacher = build_teacher(args, device)
-    disc = build_discriminator(args, device, notes) if args.ho else None
-    step = build_step(args, student, teacher, disc, device)
+    step = build_step(args, student, teacher, device, notes)
     state = RunState(log_dir / "training_state.pth", step, info, batch=batch,
                      run={"seed": args.seed, "num_steps": args.num_steps, "batch_size": args.batch_size,
                           "world_size": info.world_size},

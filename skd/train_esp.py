@@ -41,7 +41,9 @@ from common.engine import (
 )
 from common.engine.dist import resolve_device
 from common.errors import UserError, main_guard
-from common.losses.skd import ConferenceCrossEntropy, PairWiseCos, PixelWiseKD
+from common.io import output_dir
+from common.losses.skd import ConferenceCrossEntropy, PairWiseCos
+from common.methods import build_method, method_context, relabel
 from common.models import build_model
 from common.numerics import set_tf32
 from common.recipes.run import RunState
@@ -52,14 +54,6 @@ from skd.eval_esp import METHODS, add, build_esp_model, build_parser, evaluate, 
 # The KD upsamples stride-8 logits ×8 (spec §8); ESPNet's logits are already at input size.
 TEACHERS = {"psp_dsn": "pspnet_resnet101", "student_res18": "pspnet_resnet18", "student_esp_e": "espnet_c",
             "student_esp_d": "espnet"}
-FULL_RESOLUTION_TEACHERS = ("student_esp_d",)
-
-
-def pixel_kd(args):
-    """The pixel-wise KD of this student/teacher pair (the student is upsampled when it is ESPNet-C)."""
-    return PixelWiseKD(upsample=args.method.lower() == "student_esp_e", temperature=args.tem,
-                       upsample_teacher=args.teacher_model.lower() not in FULL_RESOLUTION_TEACHERS)
-
 
 def parse_args(argv=None):
     p = build_parser(__doc__)
@@ -146,15 +140,18 @@ def main(argv=None):
     if use_label:
         terms.append(Term("label", args.weight_l, ConferenceCrossEntropy(args.ignore_label), ("s.logits", "labels"),
                           log_weighted=False))
-    if use_kd:
-        terms.append(Term("kd", args.weight_k, pixel_kd(args), ("s.logits", "t.logits"), log_weighted=False))
-    if use_sd:
-        terms.append(Term("sd", args.weight_s, PairWiseCos(args.sd_loss), ("s.feat", "t.feat"), log_weighted=False))
+    if teacher is not None:
+        # the catalogue's skd, preset "cvpr19": the x8-upsampled pixel-wise KD of each stride-8 map, CriterionSDcos
+        ctx = method_context(student, teacher, num_classes=args.num_classes, ignore_index=args.ignore_label,
+                             total_steps=args.num_steps, crop=crop)
+        parts = build_method("skd", ctx, preset="cvpr19", pixel=args.weight_k if use_kd else 0.0,
+                             pair=args.weight_s if use_sd else 0.0, temperature=args.tem, cos_mode=args.sd_loss)
+        terms += relabel(parts.terms, {"skd.pixel": "kd", "skd.pair": "sd"}, raw=("kd", "sd"))
     step = TrainStep(student, task=None, optimizer=optimizer, base_lr=args.learning_rate, device=device,
                      teacher=teacher, terms=terms, teacher_input=lambda x: teacher_input(x, args.teacher_norm),
                      total_name="loss", log_adversarial=False)
 
-    out_dir = Path(args.snapshot_dir)
+    out_dir = output_dir(args.snapshot_dir, "--snapshot-dir")
     one_process = DistInfo(rank=0, world_size=1, local_rank=0, device=device, is_main=True)
     state = RunState(out_dir / "training_state.pth", step, one_process, batch=args.batch_size,
                      run={"seed": args.random_seed, "num_steps": args.num_steps, "batch_size": args.batch_size,

@@ -11,16 +11,8 @@ from aicsd import predict, train, train_kd
 from common.recipes import aicsd
 from common.recipes.run import RunState
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 IPE = 2  # 4 train images, batch 2: iterations per epoch
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -12,6 +12,8 @@ from aicsd import train, train_kd
 from common.engine.dist import DistInfo
 from common.recipes import aicsd
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 EPOCHS_VOC, EPOCHS_CITY = 50, 200  # aicsd.md §2.1 --epochs
 LR_VOC, LR_CITY = 0.007, 0.01  # aicsd.md §2.1 --lr base_lr, batch 6 on one GPU
 
@@ -24,14 +26,6 @@ def defaults(argv, world_size=1, kd=False):
     args = (train_kd.parser() if kd else train.parser()).parse_args(argv)
     aicsd.apply_defaults(args, cpu_info(world_size))
     return args
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -245,7 +239,6 @@ def test_bad_input_stops_with_one_sentence(script, extra, words, voc, tmp_path, 
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and words in err
-
 
 
 def test_balanced_weights_are_inverse_log_frequency_and_cached(tmp_path):

@@ -37,12 +37,8 @@ LOG_FILES = {"log.txt", "metrics.jsonl", "args.json"}
 
 
 @pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
+def no_demo_one_thread(monkeypatch, one_thread):
     monkeypatch.delenv("SEGKD_DEMO", raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -446,3 +442,164 @@ def test_ranks_draw_their_own_dropout_masks_and_one_process_is_unchanged():
     expected_resumed = torch.rand(4)
     seed_rank(5, info(1, 2), start_step=10)
     assert torch.equal(torch.rand(4), expected_resumed)
+
+
+# ------------------------------------------------------------ CIRKD and AICSD: crops and output folders (issue 18)
+@pytest.fixture(scope="module")
+def cirkd_camvid(tmp_path_factory):
+    """Tiny CamVid with CIRKD's lists and a DeepLabV3-R18 CamVid checkpoint."""
+    from common.datasets.synthetic import make_camvid
+
+    root = tmp_path_factory.mktemp("cirkd_bad_input")
+    lists = make_camvid(root / "camvid", {"train": 2, "val": 1, "test": 1}, size=(48, 64), cirkd_lists=True)
+    torch.manual_seed(0)
+    torch.save(build_model("deeplabv3_resnet18", num_classes=11).state_dict(), root / "r18.pth")
+    return root / "camvid", lists, root / "r18.pth"
+
+
+def cirkd_train_argv(data, tmp):
+    root, lists, _ = data
+    return ["--model", "deeplabv3", "--backbone", "resnet18", "--dataset", "camvid", "--data", str(root),
+            "--train-list", lists["train"], "--val-list", lists["val"], "--crop-size", "32", "32", "--batch-size", "2",
+            "--max-iterations", "2", "--log-iter", "1", "-j", "0", "--pretrained-base", "None", "--device", "cpu",
+            "--save-dir", str(tmp / "ckpt"), "--log-dir", str(tmp / "logs")]
+
+
+def cirkd_eval_argv(data, tmp):
+    root, lists, weights = data
+    return ["--dataset", "camvid", "--data", str(root), "--data-list", lists["test"], "--pretrained", str(weights),
+            "-j", "0", "--device", "cpu", "--save-dir", str(tmp / "eval")]
+
+
+NOT_A_FOLDER = "error: {flag} {file} is a file, not a folder; pass a folder"
+
+
+@pytest.mark.parametrize("entry,extra,sentence", [
+    ("train", lambda c: ["--crop-size", "0", "0"], "error: argument --crop-size: must be > 0, got 0"),
+    ("train", lambda c: ["--crop-size", "-4", "32"], "error: argument --crop-size: must be > 0, got -4"),
+    ("train", lambda c: ["--lr", "nan"], "error: argument --lr: must be a finite number, got 'nan'"),
+    ("train", lambda c: ["--save-dir", str(c.file)], NOT_A_FOLDER.replace("{flag}", "--save-dir")),
+    ("train", lambda c: ["--log-dir", str(c.file)], NOT_A_FOLDER.replace("{flag}", "--log-dir")),
+    ("eval", lambda c: ["--save-dir", str(c.file)], NOT_A_FOLDER.replace("{flag}", "--save-dir")),
+], ids=["crop 0", "crop negative", "lr nan", "save-dir file", "log-dir file", "eval save-dir file"])
+def test_cirkd_bad_crop_or_output_folder_is_one_sentence(entry, extra, sentence, cirkd_camvid, tmp_path, capsys):
+    """``--crop-size 0 0`` used to fail deep in a convolution and ``--save-dir <file>`` with NotADirectoryError."""
+    from cirkd import eval as cirkd_eval
+    from cirkd import train_baseline as cirkd_train
+
+    c = Ctx(cirkd_camvid[0], None, tmp_path / "ctx")
+    main, argv = (cirkd_train.main, cirkd_train_argv) if entry == "train" else (cirkd_eval.main, cirkd_eval_argv)
+    with pytest.raises(SystemExit) as exc:
+        main(argv(cirkd_camvid, tmp_path) + extra(c))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith(sentence.format(file=c.file))
+    assert not [p for p in files_below(tmp_path) if p.suffix == ".pth"]
+
+
+def test_aicsd_save_dir_naming_a_file_is_one_sentence(tmp_path, capsys):
+    from aicsd import train as aicsd_train
+    from common.datasets.synthetic import make_voc
+
+    make_voc(tmp_path / "voc", splits={"train": 2, "val": 1}, size=(48, 64), seed=0)
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    argv = ["--data-dir", str(tmp_path / "voc"), "--crop-size", "33", "--base-size", "33", "--batch-size", "2",
+            "--epochs", "1", "--workers", "0", "--imagenet-weights", "none", "--device", "cpu",
+            "--save-dir", str(afile)]
+    with pytest.raises(SystemExit) as exc:
+        aicsd_train.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == NOT_A_FOLDER.format(flag="--save-dir", file=afile)
+
+
+def test_skd_esp_snapshot_dir_naming_a_file_is_one_sentence(synthetic_camvid, tmp_path, capsys):
+    from skd import train_esp
+
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        main_guard(train_esp.main)(["--method", "student_esp_e", "--data_dir", str(synthetic_camvid), "--sd_mode",
+                                    "label", "--num-steps", "2", "--batch-size", "2", "--input-size", "120,160",
+                                    "--snapshot-dir", str(afile), "--num-workers", "0", "--num-threads", "1"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == NOT_A_FOLDER.format(flag="--snapshot-dir", file=afile)
+
+
+def test_skd_demo_out_naming_a_file_is_one_sentence(tmp_path, capsys):
+    from skd import demo_camvid
+
+    for name in ("ckpt/SD+KD+CITY_65.1.pth", "ckpt/base_57.8.pth", "camvid/train.txt", "camvid/test.txt"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("")
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        main_guard(demo_camvid.main)(["--camvid", str(tmp_path / "camvid"), "--ckpt-dir", str(tmp_path / "ckpt"),
+                                      "--out", str(afile)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == NOT_A_FOLDER.format(flag="--out", file=afile)
+
+
+def test_skd_eval_output_path_naming_a_file_is_one_sentence(synthetic_camvid, tmp_path, capsys):
+    from skd import eval_esp
+
+    torch.save(build_model("espnet_c", num_classes=11).state_dict(), tmp_path / "ckpt.pth")
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        main_guard(eval_esp.main)(["--method", "student_esp_e", "--dataset", "camvid_light", "--data_list",
+                                   str(synthetic_camvid / "test.txt"), "--data_dir", str(synthetic_camvid),
+                                   "--num_classes", "11", "--restore-from", str(tmp_path / "ckpt.pth"),
+                                   "--store-output", "True", "--output_path", str(afile), "--num-workers", "0"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == NOT_A_FOLDER.format(flag="--output-path", file=afile)
+
+
+@pytest.mark.parametrize("target,sentence", [
+    ("folder", "error: --output {path} is a folder; pass a file path"),
+    ("below_file", "error: --output {path} cannot be written: {parent} is a file, not a folder; pass another path"),
+])
+def test_tables_output_that_cannot_be_a_file_is_one_sentence(target, sentence, tmp_path, capsys):
+    from common.tables.__main__ import main as tables_main
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    path = tmp_path / "results" if target == "folder" else tmp_path / "a_file" / "table.md"
+    with pytest.raises(SystemExit) as exc:
+        tables_main(["--results-dir", str(tmp_path / "results"), "--no-complexity", "--output", str(path)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == sentence.format(path=path, parent=path.parent)
+
+
+def test_cityscapes_make_lists_out_naming_a_file_is_one_sentence(synthetic_cityscapes, tmp_path, capsys):
+    from common.datasets.cityscapes import main as cityscapes_main
+
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        cityscapes_main(["make-lists", str(synthetic_cityscapes), "--out", str(afile)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == NOT_A_FOLDER.format(flag="--out", file=afile)
+
+
+def test_cirkd_test_save_dir_naming_a_file_is_one_sentence(tmp_path, capsys):
+    from cirkd import test as cirkd_test
+    from common.datasets.synthetic import make_cityscapes
+
+    lists = make_cityscapes(tmp_path / "citys", {"test": 1}, size=(64, 128))
+    torch.save(build_model("deeplabv3_resnet18", num_classes=19).state_dict(), tmp_path / "r18.pth")
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        cirkd_test.main(["--data", str(tmp_path / "citys"), "--data-list", lists["test"], "--pretrained",
+                         str(tmp_path / "r18.pth"), "--save-dir", str(afile), "-j", "0", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == NOT_A_FOLDER.format(flag="--save-dir", file=afile)

@@ -94,6 +94,32 @@ def test_skip_val_writes_no_best_model(datasets, tmp_path):
     assert not (tmp_path / "ckpt" / "deeplabv3_resnet18_camvid_best_model.pth").exists()
 
 
+def test_train_baseline_writes_the_latest_checkpoint_at_every_validation(datasets, tmp_path, monkeypatch):
+    # the original's validation calls save_checkpoint(model, args, is_best) every time: the latest file is written
+    # after each validation, the best copy only when the mIoU improves (here 0.5, then a worse 0.4)
+    from common.recipes import cirkd as recipe
+
+    events, scores = [], iter([0.5, 0.4])
+
+    def fake_evaluate(*args, **kwargs):
+        events.append("val")
+        return recipe.Scores(0.0, next(scores), [], 0.0, 1)
+
+    def recording_save(state, path):
+        events.append(Path(path).name)
+        torch.save(state, path)
+
+    monkeypatch.setattr(recipe, "evaluate", fake_evaluate)
+    monkeypatch.setattr(recipe, "atomic_save", recording_save)
+    train_baseline.main(train_args(datasets, "camvid", tmp_path, "--val-per-iters", "1", "--save-per-iters", "100"))
+    latest = "deeplabv3_resnet18_camvid.pth"
+    kept = [e for e in events if e in ("val", latest)]
+    assert kept.count("val") == 2 and all(kept[i + 1] == latest for i, e in enumerate(kept) if e == "val")
+    assert kept.count(latest) == 3  # after each validation and the final save
+    assert json.loads((tmp_path / "ckpt" / "deeplabv3_resnet18_camvid_run" / "results.json").read_text())[
+        "extra"]["best_iteration"] == 1
+
+
 def test_resume_state_continues_identically(datasets, tmp_path, monkeypatch):
     full = tmp_path / "full"
     train_baseline.main(train_args(datasets, "camvid", full, "--skip-val", iters=4))
@@ -154,10 +180,9 @@ def test_eval_reports_the_camvid_test_split_with_the_training_run_settings(datas
     log = (tmp_path / "deeplabv3_resnet18_camvid_multiscale_val.txt").read_text()
     assert f"Overall validation pixAcc: {result['pixel_acc'] * 100:.3f}, mIoU: {result['miou'] * 100:.3f}" in log
     preds = sorted(p.name for p in (tmp_path / "deeplabv3_resnet18_camvid").iterdir())
-    assert preds == ["Seq05VD_000000.png", "Seq05VD_000000_blend.png", "Seq05VD_000001.png",
-                     "Seq05VD_000001_blend.png"]
+    assert preds == ["Seq05VD_000000.png", "Seq05VD_000001.png"]  # --blend: the blend under the image's own name
     png = Image.open(tmp_path / "deeplabv3_resnet18_camvid" / "Seq05VD_000000.png")
-    assert png.mode == "P" and png.size == (64, 48)
+    assert png.mode == "RGB" and png.size == (64, 48)
 
 
 def test_eval_corrected_metric_is_flagged_in_results(datasets, camvid_model, tmp_path):

@@ -1,6 +1,7 @@
 """CIRKD shell scripts end to end (torchrun, 2 gloo processes on CPU) and their usage messages."""
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -89,3 +90,30 @@ def test_cirkd_script_trains_with_two_processes(cityscapes, tmp_path):
     state = torch.load(run_dir / "training_state.pth", weights_only=True)
     assert set(state["modules"]) == {"student", "memory"} and state["step"] == 2
     assert json.loads((run_dir / "results.json").read_text())["batch"] == 4
+
+
+# the scripts that train CIRKD (train_kd/*.sh without the train_<method>.sh baselines, train_cirkd/*/*.sh)
+CIRKD_SCRIPTS = sorted([p for p in (SCRIPTS / "train_kd").glob("*.sh") if not p.name.startswith("train_")] +
+                       list((SCRIPTS / "train_cirkd").rglob("*.sh")))
+
+
+@pytest.mark.parametrize("script", CIRKD_SCRIPTS, ids=lambda p: str(p.relative_to(SCRIPTS)))
+def test_cirkd_scripts_relate_the_papers_2_images_per_gpu_on_any_gpu_count(script, tmp_path):
+    # cirkd.md §4.3: total batch 16 = 2 per GPU x 8 GPUs; §3.3: the relation is computed within each GPU's batch
+    from cirkd import train_kd
+
+    for name in ("resnet18", "resnet101", "mobilenetv2"):
+        (tmp_path / f"{name}-imagenet.pth").touch()
+    paths = {k: str(tmp_path) for k in ("CITYSCAPES", "VOC", "CAMVID", "ADE20K", "COCO_STUFF", "TEACHER")}
+    for nproc in ("1", "4"):
+        proc = subprocess.run(["bash", str(script)], env=env_of(SEGKD_DRY_RUN="1", NPROC=nproc,
+                                                                 PRETRAINED_DIR=str(tmp_path), **paths),
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        trainings = [shlex.split(line)[1:] for line in proc.stdout.splitlines() if line.startswith("train_")]
+        assert len(trainings) == 1
+        args = train_kd.build_parser().parse_args(trainings[0])
+        assert (args.batch_size, args.minibatch_group, args.lambda_minibatch_pixel) == (16, 2, 1.0)
+        args.lambda_memory_pixel = args.lambda_memory_region = 0  # no 20000-entry queues in this test
+        terms, _ = train_kd.build_terms(args, 19, True, 128, 256, "batchnorm")
+        assert [t.fn.group_size for t in terms if t.name == "minibatch_pixel"] == [2]

@@ -163,6 +163,14 @@ def test_periodic_eval_keeps_the_best_and_resumes_it():
     assert best == [] and resumed.best == 0.6  # 0.55 after the resume does not beat the restored 0.6
 
 
+def test_periodic_eval_a_tie_does_not_replace_the_best():
+    # strictly better only: cirkd.md §5.1 "if the mIoU beats the best so far", aicsd.md §2.4 step 10 "mIoU > best"
+    scores, best = iter([0.5, 0.5, 0.4, 0.5]), []
+    hook = PeriodicEval(lambda n: next(scores), every=2, on_best=lambda n, score: best.append((n, score)))
+    Trainer(lambda b, s: {}, itertools.count(), 8, hooks=[hook]).train()
+    assert best == [(2, 0.5)] and hook.state_dict() == {"best": 0.5, "best_step": 2}
+
+
 def test_trainer_crash_still_calls_after_train_but_skips_final_eval():
     rec, evals = _Recorder(), []
 

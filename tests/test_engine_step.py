@@ -11,8 +11,9 @@ from common.engine import Adversary, LRSchedule, PolySpec, Term, Trainer, TrainS
 from common.errors import UserError
 from common.losses import adversarial
 from common.losses.cwd import ChannelWiseDivergence
+from common.methods.adversarial import build_d_optimizer
 from common.models.discriminator import Discriminator
-from common.recipes.psp import build_d_optimizer, build_g_optimizer, task_term
+from common.recipes.psp import build_g_optimizer, task_term
 
 
 class Toy(nn.Module):

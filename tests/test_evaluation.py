@@ -28,7 +28,7 @@ from common.evaluation import (
     sliding_grid,
     write_results_json,
 )
-from common.evaluation.inference import resize_image
+from common.evaluation.inference import resize_image, scaled_size
 from common.tables.schema import read_results
 
 
@@ -286,6 +286,31 @@ def test_multiscale_resize_matches_scipy_zoom():
     for s in (0.75, 1.25):
         ref = ndimage.zoom(x.numpy(), (1.0, 1.0, s, s), order=1, prefilter=False)
         assert np.allclose(resize_image(x, s).numpy(), ref, atol=1e-10)
+
+
+# cirkd.md §5.2: eval.py resizes with F.interpolate(scale_factor=s), i.e. floor(H·s); sizes worked out by hand
+CIRKD_SCALED_SIZES = {
+    ((375, 500), 0.5): (187, 250), ((375, 500), 0.75): (281, 375), ((375, 500), 1.25): (468, 625),
+    ((375, 500), 1.5): (562, 750), ((375, 500), 1.75): (656, 875),
+    ((360, 480), 0.5): (180, 240), ((360, 480), 0.75): (270, 360), ((360, 480), 1.25): (450, 600),
+    ((360, 480), 1.5): (540, 720), ((360, 480), 1.75): (630, 840),
+}
+
+
+@pytest.mark.parametrize("image_size,scale", list(CIRKD_SCALED_SIZES))
+def test_cirkd_scaled_size_is_floor(image_size, scale):
+    assert scaled_size(*image_size, scale, "floor") == CIRKD_SCALED_SIZES[(image_size, scale)]
+
+
+def test_scaled_size_round_keeps_the_psp_lineage_size():
+    assert scaled_size(375, 500, 0.5) == (188, 250) and scaled_size(375, 500, 1.25) == (469, 625)  # round(H·s)
+
+
+def test_cirkd_floor_resize_is_the_originals_scale_factor_interpolate():
+    x = torch.randn(1, 3, 375, 500, generator=torch.Generator().manual_seed(0))
+    for s in (0.5, 1.25):
+        ref = F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=True)
+        assert torch.equal(resize_image(x, s, "floor"), ref)
 
 
 def test_multiscale_flip_averages_logits_as_original():

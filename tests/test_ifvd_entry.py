@@ -41,9 +41,10 @@ def test_objective_and_update_order_match_the_original():
     assert (args.kd, args.ifv, args.adv, args.lambda_kd, args.lambda_ifv, args.lambda_adv) == (
         True, True, True, 10.0, 200.0, 0.001)
     student, teacher = StubSeg(8), StubSeg(16)
-    disc = ifvd_train.build_discriminator(args, torch.device("cpu"))
-    s_ref, d_ref = copy.deepcopy(student), copy.deepcopy(disc)
-    step = ifvd_train.build_step(args, student, teacher, disc, torch.device("cpu"))
+    s_ref = copy.deepcopy(student)
+    step = ifvd_train.build_step(args, student, teacher, torch.device("cpu"))
+    disc = step.adversary.discriminator
+    d_ref = copy.deepcopy(disc)
     d_defaults = step.adversary.optimizer.defaults
     assert isinstance(step.adversary.optimizer, torch.optim.Adam)
     assert d_defaults["betas"] == (0.9, 0.99) and d_defaults["weight_decay"] == 0
@@ -69,14 +70,14 @@ def test_discriminator_resume_loads_its_state_dict(tmp_path):
     saved = Discriminator(num_classes=19)
     torch.save(saved.state_dict(), tmp_path / "city_39999_D.pth")
     args = train_parser().parse_args(["--D_resume", "True", "--D_ckpt_path", str(tmp_path / "city_39999_D.pth")])
-    disc = ifvd_train.build_discriminator(args, torch.device("cpu"))
+    disc = ifvd_train.build_step(args, StubSeg(8), StubSeg(16), torch.device("cpu")).adversary.discriminator
     for key, value in saved.state_dict().items():
         torch.testing.assert_close(disc.state_dict()[key], value, msg=key)
 
 
 def test_flags_drop_their_terms():
     args = train_parser().parse_args(["--kd", "False", "--ifv", "no", "--adv", "0"])
-    step = ifvd_train.build_step(args, StubSeg(8), StubSeg(16), None, torch.device("cpu"))
+    step = ifvd_train.build_step(args, StubSeg(8), StubSeg(16), torch.device("cpu"))
     out = step(stub_batch(1, side=160), 0)
     assert step.terms == [] and step.adversary is None
     assert out["loss_G"] == pytest.approx(out["mc"]) and out["loss_D"] == 0.0 and out["adv"] == 0.0

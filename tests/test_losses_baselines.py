@@ -159,6 +159,26 @@ def test_dsd_psd_averages_exactly_three_pairs():
     assert DSD()(*maps_s, *maps_t)[0].item() == pytest.approx(sum(terms).item() / 3, rel=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_dsd_mobile_student_psd_sends_the_logits_no_gradient(dtype):
+    # §8.15, §3.7: without an aux head the maps are [logits, feat, logits], so the pair (0, 2) has r_S = 0. By hand:
+    # the backward of norm(norm(r)) at r = 0 is ±g/eps² = ±g·1e24 into a_2 and a_0, which absorbs the O(g) gradients
+    # of the pairs (0, 1) and (1, 2) there; the two equal and opposite paths then cancel exactly at the logits. So
+    # the logits get exactly 0 and the embedding gets the gradient of the loss with the logits held constant.
+    logits = randn(2, 5, 5, 7, seed=60, dtype=dtype).requires_grad_(True)
+    feat = randn(2, 4, 5, 7, seed=61, dtype=dtype).requires_grad_(True)
+    maps_t = [randn(2, c, 5, 7, seed=62 + i, dtype=dtype) for i, c in enumerate((5, 8, 5))]
+    psd, _ = DSD()(logits, feat, logits, *maps_t)
+    grad_logits, grad_feat = torch.autograd.grad(psd, [logits, feat])
+    assert torch.equal(grad_logits, torch.zeros_like(logits))
+    ref = ref_psd([logits, feat, logits], maps_t)
+    assert torch.equal(torch.autograd.grad(ref, [logits])[0], grad_logits)
+    held = logits.detach()
+    expected = torch.autograd.grad(ref_psd([held, feat, held], maps_t), [feat])[0]
+    torch.testing.assert_close(psd, ref, rtol=1e-12 if dtype == F64 else 1e-6, atol=0)
+    torch.testing.assert_close(grad_feat, expected, rtol=1e-8 if dtype == F64 else 1e-4, atol=0)
+
+
 # ---- CIRKD's versions of the PSP-lineage terms
 
 

@@ -279,9 +279,36 @@ def test_minibatch_half_inputs_are_computed_in_float32():
                                          rel=1e-6)
 
 
+@pytest.mark.parametrize("chunk_rows", [None, 5])
+def test_minibatch_groups_of_2_are_the_originals_8_gpus(chunk_rows):
+    # §3.3, §6: the paper's 16 images as 8 GPUs × 2; each rank's loss is the transcription on its own 2 images and
+    # DDP averages the gradients, so one process must give the mean of the 8 losses and its gradient
+    g = torch.Generator().manual_seed(9)
+    s = torch.randn(16, 3, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(16, 5, 3, 4, generator=g, dtype=torch.float64)
+    ours = MiniBatchPixelRelation(0.1, chunk_rows=chunk_rows, group_size=2)(s, t)
+    per_gpu = [ref_minibatch(s[2 * r:2 * r + 2], t[2 * r:2 * r + 2], 0.1) for r in range(8)]
+    expected = sum(per_gpu) / 8
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(torch.autograd.grad(ours, s)[0], torch.autograd.grad(expected, s)[0],
+                               rtol=1e-9, atol=1e-15)
+    whole = ref_minibatch(s, t, 0.1)
+    assert abs(ours.item() - whole.item()) > 1e-3 * whole.item()  # the 16-image relation is another loss
+
+
+def test_minibatch_group_of_the_whole_batch_is_the_default():
+    g = torch.Generator().manual_seed(10)
+    s, t = torch.randn(4, 3, 3, 4, generator=g), torch.randn(4, 5, 3, 4, generator=g)
+    assert torch.equal(MiniBatchPixelRelation(0.1, group_size=4)(s, t), MiniBatchPixelRelation(0.1)(s, t))
+
+
 def test_minibatch_bad_arguments():
     with pytest.raises(ValueError, match="temperature"):
         MiniBatchPixelRelation(0.0)
+    with pytest.raises(ValueError, match="group size"):
+        MiniBatchPixelRelation(group_size=0)
+    with pytest.raises(ValueError, match="does not split into groups of 4"):
+        MiniBatchPixelRelation(group_size=4)(torch.randn(6, 4, 3, 3), torch.randn(6, 4, 3, 3))
     with pytest.raises(ValueError, match="same batch and spatial size"):
         MiniBatchPixelRelation()(torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 4))
 

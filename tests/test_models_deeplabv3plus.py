@@ -273,6 +273,17 @@ def test_in_train_mode_forward_and_extract_feature_differ_only_by_the_aspp_dropo
     torch.testing.assert_close(model(x), extracted, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_dropout_rates_are_the_literals_of_3_1(name):
+    # §3.1: ASPP Dropout(0.5) in forward; decoder last_conv = conv, BN, ReLU, Dropout(0.5), conv, BN, ReLU,
+    # Dropout(0.1), conv
+    model = meta_model(name)
+    last_conv = model.decoder.last_conv
+    assert [type(m) for m in last_conv] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Dropout] * 2 + [nn.Conv2d]
+    assert (last_conv[3].p, last_conv[7].p, model.aspp.dropout.p) == (0.5, 0.1, 0.5)
+    assert sorted(m.p for m in model.modules() if isinstance(m, nn.Dropout)) == [0.1, 0.5, 0.5]
+
+
 def test_return_features_forward_is_extract_feature_as_a_named_list(r18):
     model = build_model("deeplabv3plus_resnet18", num_classes=2, return_features=True)
     model.load_state_dict(r18.state_dict())

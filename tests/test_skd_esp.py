@@ -221,6 +221,15 @@ def test_camvid_light_pipeline(synthetic_camvid):
     assert not (label == 11).any() and set(np.unique(label)) <= set(range(11)) | {255}
 
 
+def test_camvid_light_mirrored_one_pixel_crop_collates(synthetic_camvid, monkeypatch):
+    """A mirrored crop one pixel wide must still become a tensor (a flipped view of width 1 keeps a negative stride
+    that ``np.ascontiguousarray`` does not remove)."""
+    monkeypatch.setattr(np.random, "randint", lambda *a, **k: 1)  # always mirror
+    train = CamVidLight(synthetic_camvid, synthetic_camvid / "train.txt", crop_size=(1, 1), mirror=True)
+    image, label = torch.utils.data.default_collate([train[0]])[:2]
+    assert image.shape == (1, 3, 1, 1) and label.shape == (1, 1, 1)
+
+
 def ref_confusion(gt, pred, n):
     """The original ``get_confusion_matrix`` (bincount, keep flat indices < n²)."""
     index = (gt * n + pred).astype("int32")

@@ -40,10 +40,11 @@ def test_objective_and_update_order_match_the_original():
     args = train_parser().parse_args(SCRIPT_FLAGS)
     student, teacher = StubSeg(8, skd_outputs=True), StubSeg(16, skd_outputs=True)
     notes = []
-    disc = skd_train.build_discriminator(args, torch.device("cpu"), notes)
+    s_ref = copy.deepcopy(student)
+    step = skd_train.build_step(args, student, teacher, torch.device("cpu"), notes)
     assert notes == []  # no model_best.pth.tar in the (relative) D folder: D starts from scratch
-    s_ref, d_ref = copy.deepcopy(student), copy.deepcopy(disc)
-    step = skd_train.build_step(args, student, teacher, disc, torch.device("cpu"))
+    disc = step.adversary.discriminator
+    d_ref = copy.deepcopy(disc)
     assert isinstance(step.adversary.optimizer, torch.optim.SGD)
     d_defaults = step.adversary.optimizer.defaults
     assert (d_defaults["lr"], d_defaults["momentum"], d_defaults["weight_decay"]) == (4e-4, 0.9, 5e-4)
@@ -78,8 +79,10 @@ def test_resume_folders_are_the_originals_overrides(tmp_path, monkeypatch):
     args = train_parser().parse_args(["--S_ckpt_path", "elsewhere", "--is-student-load-imgnet", "False"])
     skd_train.override_paths(args)
     notes = []
-    disc = skd_train.build_discriminator(args, torch.device("cpu"), notes)
     student = skd_train.build_student(args, torch.device("cpu"), notes)
+    teacher = StubSeg(16, skd_outputs=True)
+    disc = skd_train.build_step(args, StubSeg(8, skd_outputs=True), teacher, torch.device("cpu"),
+                                notes).adversary.discriminator
     assert len(notes) == 2 and args.last_step == 7
     torch.testing.assert_close(disc.state_dict()["last.0.weight"], saved_d.state_dict()["last.0.weight"])
     torch.testing.assert_close(student.state_dict()["head.weight"], saved_s.state_dict()["head.weight"])
@@ -91,7 +94,7 @@ def test_flags_drop_their_terms_and_defaults_are_the_originals():
         1.0, 1e-4, 0.5, 0.1, True, True)
     args = train_parser().parse_args(["--pi", "False", "--pa", "no", "--ho", "0"])
     student, teacher = StubSeg(8, skd_outputs=True), StubSeg(16, skd_outputs=True)
-    step = skd_train.build_step(args, student, teacher, None, torch.device("cpu"))
+    step = skd_train.build_step(args, student, teacher, torch.device("cpu"))
     out = step(stub_batch(1, side=160), 0)
     assert step.terms == [] and step.adversary is None
     assert out["loss_G"] == pytest.approx(out["mc"]) and out["loss_D"] == 0.0

@@ -8,14 +8,7 @@ import common.losses.segmentation as seg_losses
 from common.errors import main_guard
 from common.train_baseline import main
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: faster on the shared 2-core machine and bitwise reproducible."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _argv(data, save_dir, *extra):

@@ -1,7 +1,9 @@
 # Shared by the CIRKD scripts (specs/cirkd.md §1.7), sourced, not run. The originals launched 8 processes with
 # torch.distributed.launch and hard-coded paths; here:
 #   NPROC      processes for torchrun (default: the number of visible GPUs, else 1); the total --batch-size
-#              stays 16 and is split over them (as the CIRKD maintainers advise for fewer GPUs)
+#              stays 16 and is split over them (as the CIRKD maintainers advise for fewer GPUs); the CIRKD
+#              scripts pass --minibatch-group 2, the paper's 2 images per GPU for the mini-batch relation, so
+#              they compute the paper's loss on any number of GPUs
 #   PYTHON     interpreter (default: python); TORCHRUN (default: "$PYTHON -m torch.distributed.run")
 #   SAVE_DIR   checkpoints (default ./runs/cirkd/ckpt); LOG_DIR logs (default ./runs/cirkd/logs)
 #   PRETRAINED_DIR  folder of resnet18-imagenet.pth, resnet101-imagenet.pth, mobilenetv2-imagenet.pth

@@ -135,8 +135,8 @@ class CamVidLight(data.Dataset):
         label = label[h_off:h_off + self.crop_h, w_off:w_off + self.crop_w]
         image = image.transpose(2, 0, 1)
         if self.mirror and np.random.randint(2):
-            image = image[:, :, ::-1]
-            label = label[:, ::-1]
+            image = image[:, :, ::-1].copy()  # a copy, not a view: a 1-pixel-wide view keeps its negative stride
+            label = label[:, ::-1].copy()
         return (np.ascontiguousarray(image, np.float32), np.ascontiguousarray(label, np.float32),
                 np.array(size), name)
 

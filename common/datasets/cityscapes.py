@@ -34,7 +34,7 @@ from common.datasets.base import (
 from common.datasets.base import read_list as read_list_lines
 from common.datasets.transforms import IMG_MEAN_BGR, PSPTransform, build_transform
 from common.errors import UserError, main_guard
-from common.io import atomic_open
+from common.io import atomic_open, output_dir
 
 NUM_CLASSES = 19
 CLASS_NAMES = (
@@ -338,6 +338,8 @@ def main(argv=None):
                     help="point labels at *_gtFine_labelTrainIds.png (cityscapesscripts) instead of labelIds")
     args = parser.parse_args(argv)
     suffix = "_gtFine_labelTrainIds.png" if args.trainids else "_gtFine_labelIds.png"
+    if args.out is not None:
+        output_dir(args.out, "--out")
     paths = write_lists(args.root, args.out, label_suffix=suffix, check_counts=True)
     for split, path in paths.items():
         with open(path) as f:

@@ -14,6 +14,9 @@ specs/cwd.md §3.2 step d; specs/cirkd.md §1.3 (terms switched on by their weig
 5. D step with an :class:`Adversary` (one D update per G update, on the pre-update outputs, D called on the
    two detached inputs in the order of the original).
 
+A non-finite ``L_G`` (or D loss) on any rank raises :class:`~common.errors.NonFiniteLoss` before that update
+(:func:`finite_loss`): the parameters stay those of the last finite step and the step's hooks (saves) never run.
+
 Model outputs are picked **by name**: a model declares ``output_names`` for the list it returns, and the task
 loss and each :class:`Term` name the tensors they read (``"s.logits"``, ``"t.feat"``, ``"labels"``). A term
 that names an output its model does not have is refused when the step is built, never computed on another
@@ -26,6 +29,7 @@ Gradient synchronisation (one rule): under torchrun every rank runs the step on 
 every optimizer are averaged over the ranks before its step (:func:`average_gradients`), as DDP would; a plain
 ``backward`` keeps double backward (the WGAN-GP penalty) possible.
 """
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
@@ -36,8 +40,8 @@ import torch.nn as nn
 
 from common.engine.dist import is_distributed
 from common.engine.trainer import PolySpec
-from common.errors import UserError
-from common.numerics import AMP_DTYPES, full_precision
+from common.errors import NonFiniteLoss, UserError
+from common.numerics import AMP_DTYPES, compute_dtype, full_precision
 from common.outputs import first_output
 
 Weight = Union[float, Callable[[int], float]]
@@ -135,6 +139,31 @@ def average_gradients(optimizer):
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def finite_loss(total, terms, total_name, step):
+    """``total.item()``, checked before the update (issue 18 item 7): a nan/inf loss on any rank raises
+    :class:`NonFiniteLoss` on every rank at the same step (one all-reduce under torchrun, so no rank waits at the
+    next collective), naming the 0-based ``step`` (metrics.jsonl's) and the non-finite ``terms`` (the weighted
+    summands of ``total`` by name)."""
+    value = total.item()
+    local = not math.isfinite(value)
+    anywhere = local
+    if is_distributed():
+        count = torch.tensor([float(local)], dtype=torch.float64, device=total.device)
+        dist.all_reduce(count)
+        anywhere = count.item() > 0
+    if not anywhere:
+        return value
+    rank = dist.get_rank() if is_distributed() else None
+    if local:
+        bad = [f"{name}={v.item()}" for name, v in terms.items() if not math.isfinite(v.item())]
+        where = (f" on rank {rank}" if rank is not None else "") + ": " + ", ".join(bad or [f"{total_name}={value}"])
+    else:
+        where = f" on another rank than this rank {rank}"
+    raise NonFiniteLoss(f"the training loss became non-finite at step {step} (0-based, as in metrics.jsonl){where}; "
+                        "lower the learning rate or the loss weights (the checkpoints written before this step are "
+                        "kept)")
 
 
 def _check_inputs(owner, inputs, student_names, teacher_names):
@@ -291,7 +320,7 @@ class TrainStep:
         return picked
 
     def __call__(self, batch, step):
-        images = batch[0].to(self.device, non_blocking=True).float()
+        images = batch[0].to(self.device, compute_dtype(), non_blocking=True)
         labels = batch[1].to(self.device, non_blocking=True).long()
 
         t = None
@@ -307,38 +336,38 @@ class TrainStep:
             s = NamedOutputs(self.student(images), self.s_names, "the student")
 
         self.optimizer.zero_grad(set_to_none=True)
-        total, losses = None, {}
+        total, losses, weighted = None, {}, {}
         if self.task is not None:
             task = self.task.fn(*self._pick(self.task, s, t, labels))
             weight = self.task.weight_at(step)
-            total = task if weight == 1 else weight * task
+            total = weighted[self.task.name] = task if weight == 1 else weight * task
             losses[self.task.name] = task
         for term in self.terms:
             raw = term.fn(*self._pick(term, s, t, labels))
-            value = term.weight_at(step) * raw
+            value = weighted[term.name] = term.weight_at(step) * raw
             losses[term.name] = value if term.log_weighted else raw
             total = value if total is None else total + value
         adversary = self.adversary
         if adversary is not None:
             d_s = first_output(adversary.discriminator(full_precision(s[adversary.input])))
             adv = adversary.lambda_adv * adversary.losses.generator_loss(d_s, adversary.adv_type)
-            losses["adv"] = adv
+            losses["adv"] = weighted["adv"] = adv
             total = total + adv
+        out = {self.total_name: finite_loss(total, weighted, self.total_name, step)}
         self.scaler.scale(total).backward()
         average_gradients(self.optimizer)
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
-        out = {self.total_name: total.item()}
         out.update({name: value.item() for name, value in losses.items()})
         if adversary is not None:
-            out["loss_D"] = self._d_step(s, t)
+            out["loss_D"] = self._d_step(s, t, step)
         elif self.log_adversarial:
             out.setdefault("adv", 0.0)
             out["loss_D"] = 0.0
         return out
 
-    def _d_step(self, s, t):
+    def _d_step(self, s, t, step):
         """One D update on the pre-update outputs (specs/ifvd_skd.md §A.4.6 step 3, §C.4)."""
         adversary = self.adversary
         disc, losses = adversary.discriminator, adversary.losses
@@ -352,12 +381,16 @@ class TrainStep:
             d_s = first_output(disc(fake))
             d_t = first_output(disc(real))
         loss = adversary.lambda_d * losses.discriminator_loss(d_s, d_t, adversary.adv_type)
+        parts = {"discriminator loss": loss}
         if adversary.adv_type == "wgan-gp":
-            loss = loss + adversary.lambda_d * adversary.lambda_gp * losses.gradient_penalty(disc, real, fake)
+            parts["gradient penalty"] = adversary.lambda_d * adversary.lambda_gp * losses.gradient_penalty(
+                disc, real, fake)
+            loss = loss + parts["gradient penalty"]
+        value = finite_loss(loss, parts, "loss_D", step)
         loss.backward()
         average_gradients(adversary.optimizer)
         adversary.optimizer.step()
-        return loss.item()
+        return value
 
 
 def _unwrap(model):

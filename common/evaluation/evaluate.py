@@ -21,6 +21,7 @@ from common.evaluation.export import save_test_prediction
 from common.evaluation.inference import predict_multiscale
 from common.evaluation.metrics import ConfusionMatrix, SegmentationMetric, _all_reduce_
 from common.evaluation.palette import resolve_palette, save_prediction_png
+from common.numerics import compute_dtype
 
 
 @dataclass
@@ -113,7 +114,7 @@ def evaluate_main(model, loader, *, num_classes: int = 19, device="cpu", input_s
     with torch.no_grad():
         for batch in iterator:
             image, label, size, names = _unpack(batch, mode)
-            image = image.to(device, non_blocking=True)
+            image = image.to(device, compute_dtype(), non_blocking=True)
             out_size = tuple(input_size) if input_size is not None else tuple(
                 (label if label is not None else image).shape[-2:])
             logits = predict_multiscale(model, image, out_size, scales, flip, whole, tile_size, align_corners)

@@ -60,23 +60,34 @@ def predict_sliding(model, image: torch.Tensor, tile_size: Sequence[int] = (512,
     return full / count
 
 
-def resize_image(image: torch.Tensor, scale: float) -> torch.Tensor:
-    """Rescale by `scale`: `round(H·s)` like `scipy.ndimage.zoom(order=1, prefilter=False)` of the PSP lineage,
-    which is bilinear with aligned corners (CIRKD resizes the same way, cirkd.md §5.2); 1.0 is the identity."""
+def scaled_size(height: int, width: int, scale: float, rounding: str = "round") -> tuple[int, int]:
+    """The size of an image rescaled by `scale`: `round(H·s)` as `scipy.ndimage.zoom` of the PSP lineage
+    (ifvd_skd.md §C.6) or, with `rounding="floor"`, `floor(H·s)` as CIRKD's `F.interpolate(scale_factor=s)`
+    (cirkd.md §5.2)."""
+    if rounding == "round":
+        return int(round(height * scale)), int(round(width * scale))
+    if rounding == "floor":
+        return math.floor(height * scale), math.floor(width * scale)
+    raise ValueError(f"rounding must be 'round' or 'floor', got {rounding!r}")
+
+
+def resize_image(image: torch.Tensor, scale: float, rounding: str = "round") -> torch.Tensor:
+    """Rescale by `scale` to :func:`scaled_size`, bilinear with aligned corners (scipy's `zoom(order=1,
+    prefilter=False)` of the PSP lineage; CIRKD's `F.interpolate`, cirkd.md §5.2); 1.0 is the identity."""
     if scale == 1.0:
         return image
-    h, w = image.shape[-2:]
-    size = (int(round(h * scale)), int(round(w * scale)))
+    size = scaled_size(*image.shape[-2:], scale, rounding)
     return F.interpolate(image, size=size, mode="bilinear", align_corners=True)
 
 
 def predict_multiscale(model, image: torch.Tensor, size: Sequence[int] | None = None, scales: Sequence[float] = (1.0,),
                        flip: bool = False, whole: bool = True, tile_size: Sequence[int] = (512, 512),
-                       align_corners: bool = True) -> torch.Tensor:
+                       align_corners: bool = True, rounding: str = "round") -> torch.Tensor:
     """Average of logits over `scales` (and the horizontal flip) at output `size` (§C.6 `predict_multiscale`).
 
     Flip: 0.5·(p + flip(p(flip(x)))) per scale, then the mean over scales. With `whole=False` every scaled image
     is predicted with the sliding window and resized to `size` (the originals use single-scale sliding only).
+    `rounding`: the scaled image size of :func:`scaled_size` ("floor" for CIRKD).
     """
     size = tuple(size) if size is not None else tuple(image.shape[-2:])
 
@@ -90,7 +101,7 @@ def predict_multiscale(model, image: torch.Tensor, size: Sequence[int] | None = 
 
     full = None
     for scale in scales:
-        x = resize_image(image, float(scale))
+        x = resize_image(image, float(scale), rounding)
         probs = one(x)
         if flip:
             probs = 0.5 * (probs + one(x.flip(-1)).flip(-1))

@@ -16,6 +16,7 @@ CITYSCAPES_COLORS = (
     (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
     (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
 )
+CIRKD_SKY = (0, 130, 180)  # CIRKD's utils/visualize.py draws sky (trainId 10) in (0, 130, 180), not (70, 130, 180)
 
 
 def get_palette(num_cls: int = 256) -> list[int]:
@@ -31,21 +32,39 @@ def get_palette(num_cls: int = 256) -> list[int]:
     return pal.reshape(-1).tolist()
 
 
-def cityscapes_palette() -> list[int]:
-    """The 19 Cityscapes colours, zero-padded to 256 entries (flat list)."""
-    flat = [c for rgb in CITYSCAPES_COLORS for c in rgb]
+def cityscapes_palette(sky: tuple[int, int, int] | None = None) -> list[int]:
+    """The 19 Cityscapes colours, zero-padded to 256 entries (flat list); ``sky`` replaces the colour of trainId 10
+    (CIRKD: :data:`CIRKD_SKY`)."""
+    colors = list(CITYSCAPES_COLORS)
+    if sky is not None:
+        colors[10] = tuple(sky)
+    flat = [c for rgb in colors for c in rgb]
     return flat + [0] * (256 * 3 - len(flat))
 
 
+def jet_r_palette() -> list[int]:
+    """matplotlib's ``jet_r`` colormap sampled at 256 levels, class k -> entry k as matplotlib's bytes (CIRKD's
+    colours for COCO-Stuff predictions)."""
+    from matplotlib import colormaps
+
+    return colormaps["jet_r"].resampled(256)(np.arange(256), bytes=True)[:, :3].reshape(-1).tolist()
+
+
 def resolve_palette(palette: str | list[int] | None) -> list[int] | None:
-    """"voc" (§C.6 default), "cityscapes", None (grayscale) or a flat RGB list, as a flat list or None."""
+    """"voc" (§C.6 default), "cityscapes", "cirkd_cityscapes" (sky (0, 130, 180)), "jet_r", None (grayscale) or a
+    flat RGB list, as a flat list or None."""
     if palette is None or isinstance(palette, (list, tuple)):
         return None if palette is None else list(palette)
     if palette == "voc":
         return get_palette(256)
     if palette == "cityscapes":
         return cityscapes_palette()
-    raise ValueError(f"palette must be 'voc', 'cityscapes', None or a list of RGB values, got {palette!r}")
+    if palette == "cirkd_cityscapes":
+        return cityscapes_palette(sky=CIRKD_SKY)
+    if palette == "jet_r":
+        return jet_r_palette()
+    raise ValueError(f"palette must be 'voc', 'cityscapes', 'cirkd_cityscapes', 'jet_r', None or a list of RGB "
+                     f"values, got {palette!r}")
 
 
 def save_prediction_png(pred, path, palette: list[int] | None = None) -> Path:

@@ -20,25 +20,26 @@ PIXEL_UPDATE_FREQ = 16  # the original's pixel_update_freq: at most 16 pixels pe
 def _relation_kl(x_s, x_t, temperature, chunk_rows, need_grad):
     """Σ over all anchors u (B·N rows) and images j of KL(softmax(A^t[u, j]/τ) ‖ softmax(A^s[u, j]/τ)).
 
-    ``x_s`` (B, N, C_s) and ``x_t`` (B, N, C_t) hold unit pixel embeddings. The B·N × B·N similarity
+    ``x_s`` (B, N, C_s) and ``x_t`` (B, N, C_t) hold unit pixel embeddings; with a leading group dimension,
+    (G, B, N, C), each group is its own batch (the similarities never cross groups). The B·N × B·N similarity
     matrices are built ``chunk_rows`` anchors at a time; the softmax runs over the N columns of each image.
     Returns the sum and, if ``need_grad``, its gradient with respect to ``x_s`` (computed in the same pass:
     ∂KL/∂A^s = (softmax(A^s/τ) − softmax(A^t/τ))/τ).
     """
-    b, n, _ = x_s.shape
-    cols_s, cols_t = x_s.reshape(b * n, -1), x_t.reshape(b * n, -1)
+    *groups, b, n, _ = x_s.shape
+    cols_s, cols_t = x_s.reshape(*groups, b * n, -1), x_t.reshape(*groups, b * n, -1)
     total = x_s.new_zeros(())
     grad = torch.zeros_like(cols_s) if need_grad else None
     for lo in range(0, b * n, chunk_rows):
-        rows_s, rows_t = cols_s[lo:lo + chunk_rows], cols_t[lo:lo + chunk_rows]
-        log_q = F.log_softmax((rows_s @ cols_s.T).view(-1, b, n).div_(temperature), dim=-1)
-        log_p = F.log_softmax((rows_t @ cols_t.T).view(-1, b, n).div_(temperature), dim=-1)
+        rows_s, rows_t = cols_s[..., lo:lo + chunk_rows, :], cols_t[..., lo:lo + chunk_rows, :]
+        log_q = F.log_softmax((rows_s @ cols_s.transpose(-1, -2)).view(*groups, -1, b, n).div_(temperature), dim=-1)
+        log_p = F.log_softmax((rows_t @ cols_t.transpose(-1, -2)).view(*groups, -1, b, n).div_(temperature), dim=-1)
         p = log_p.exp()
         total += torch.dot(p.flatten(), log_p.sub_(log_q).flatten())
         if need_grad:  # in place: at most about four chunk-sized buffers are alive at once
-            g = log_q.exp_().sub_(p).div_(temperature).view(rows_s.shape[0], b * n)
-            grad[lo:lo + chunk_rows] += g @ cols_s
-            grad += g.T @ rows_s
+            g = log_q.exp_().sub_(p).div_(temperature).view(*groups, rows_s.shape[-2], b * n)
+            grad[..., lo:lo + chunk_rows, :] += g @ cols_s
+            grad += g.transpose(-1, -2) @ rows_s
     return total, None if grad is None else grad.view_as(x_s)
 
 
@@ -65,19 +66,26 @@ class MiniBatchPixelRelation(nn.Module):
     local batch, self-pairs included; no τ² factor, no ignore mask; C_s may differ from C_t.
 
     ``pooling=True``: ``AvgPool2d(2, 2, ceil_mode=True)`` on both embeddings first (N → ⌈h/2⌉·⌈w/2⌉).
+    ``group_size=g``: the relation within each run of g consecutive images of the batch, averaged over the B/g
+    groups: the original's loss on B/g GPUs of g images each, whose DDP-averaged gradient is that of the mean
+    (§3.3, §6). None (default): the whole batch is one group, as the original computes it per process.
     Exact, but computed in chunks of anchor rows with the student gradient formed in the same pass, so
     no B² N×N matrices are materialised (at 512×1024 crops N = 8192). Gradient reaches the student only;
     not twice differentiable. ``chunk_rows`` (default: ``CHUNK_ELEMENTS / (B·N)``) only trades speed for
     memory.
     """
 
-    def __init__(self, temperature=0.1, pooling=False, chunk_rows=None):
+    def __init__(self, temperature=0.1, pooling=False, chunk_rows=None, group_size=None):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"the mini-batch relation temperature must be positive, got {temperature}")
+        if group_size is not None and group_size < 1:
+            raise ValueError(f"the mini-batch relation group size must be a positive number of images, "
+                             f"got {group_size}")
         self.temperature = float(temperature)
         self.pooling = pooling
         self.chunk_rows = chunk_rows
+        self.group_size = group_size
 
     def forward(self, emb_s, emb_t):
         if emb_s.dim() != 4 or emb_t.dim() != 4:
@@ -85,6 +93,8 @@ class MiniBatchPixelRelation(nn.Module):
         if emb_s.shape[0] != emb_t.shape[0] or emb_s.shape[2:] != emb_t.shape[2:]:
             raise ValueError(f"student {tuple(emb_s.shape)} and teacher {tuple(emb_t.shape)} embeddings need the "
                              "same batch and spatial size")
+        if self.group_size is not None and emb_s.shape[0] % self.group_size:
+            raise ValueError(f"a batch of {emb_s.shape[0]} images does not split into groups of {self.group_size}")
         emb_s, emb_t = promote(emb_s, emb_t.detach())
         with torch.autocast(emb_s.device.type, enabled=False):
             return self._relation(emb_s, emb_t)
@@ -98,11 +108,15 @@ class MiniBatchPixelRelation(nn.Module):
         x_t = F.normalize(emb_t, p=2, dim=1).flatten(2).transpose(1, 2)
         n = x_s.shape[1]
         chunk_rows = self.chunk_rows or max(1, CHUNK_ELEMENTS // (b * n))
+        g = b
+        if self.group_size is not None and self.group_size != b:
+            g = self.group_size
+            x_s, x_t = x_s.reshape(b // g, g, n, -1), x_t.reshape(b // g, g, n, -1)
         if torch.is_grad_enabled() and x_s.requires_grad:
             total = _RelationKL.apply(x_s, x_t, self.temperature, chunk_rows)
         else:
             total = _relation_kl(x_s, x_t, self.temperature, chunk_rows, need_grad=False)[0]
-        return total / (n * b * b)
+        return total / (n * g * b)
 
 
 def per_class_contrast_size(contrast_size, num_classes):

@@ -15,13 +15,24 @@ from common.numerics import full_precision
 
 
 def residual_attention_loss(maps_s, maps_t):
-    """PSD: for the 3 pairs n < m of the maps, ``mean((norm(a_m − a_n)_S − norm(a_m − a_n)_T)²)`` with the
-    attention maps of :func:`common.losses.at.attention_map`, averaged over the pairs."""
+    """PSD (§3.7): for the 3 pairs n < m of the maps, the residual attention ``r = norm(a_m − a_n)`` of each network
+    (attention maps of :func:`common.losses.at.attention_map`) and ``mean((norm(r_S) − norm(r_T))²)``, averaged over
+    the pairs.
+
+    ``r`` is normalised a second time in the loss, as in the original. The values equal one normalisation, but not
+    the gradient at a zero residual: on a mobile student the first and last maps are the same logits, so
+    ``r_S = 0`` and the backward of the two normalisations there is ``±g/eps²`` (eps = 1e-12). It swamps the other
+    pairs' gradients at both attention maps of the logits, and the two equal and opposite paths cancel exactly:
+    PSD sends the logits no gradient, in float32 and float64 alike (with one normalisation float64 keeps the other
+    pairs' gradients and float32 does not)."""
     att_s = [attention_map(f) for f in maps_s]
     att_t = [attention_map(f) for f in maps_t]
     pairs = list(itertools.combinations(range(len(att_s)), 2))
-    terms = [(F.normalize(att_s[m] - att_s[n], p=2, dim=1) - F.normalize(att_t[m] - att_t[n], p=2, dim=1)).pow(2).mean()
-             for n, m in pairs]
+    terms = []
+    for n, m in pairs:
+        r_s = F.normalize(att_s[m] - att_s[n], p=2, dim=1)
+        r_t = F.normalize(att_t[m] - att_t[n], p=2, dim=1)
+        terms.append((F.normalize(r_s, p=2, dim=1) - F.normalize(r_t, p=2, dim=1)).pow(2).mean())
     return torch.stack(terms).mean()
 
 

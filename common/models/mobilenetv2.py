@@ -149,9 +149,9 @@ class AICSDMobileNetV2(nn.Module):
     ``low`` = features[0:4] output (24 channels, stride 4) and ``feats`` = ``extract_feature``'s first
     four entries (§3.4): features[4].conv[0:2], features[7].conv[0:2] and features[14].conv[0:2]
     applied to the unpadded inputs of those blocks (144, 192, 576 channels), then ``high``.
-    With ``return_feats=False`` it returns ``(high, low)`` and computes none of the extra convs (the
-    upstream ``forward``; in training the extra passes update those norms' running statistics, as
-    upstream ``extract_feature`` does).
+    As upstream ``extract_feature``, the extra passes run after the block passes: in training both update
+    those norms' running statistics, in that order. With ``return_feats=False`` it returns ``(high, low)``
+    and computes none of the extra convs (the upstream ``forward``).
     """
 
     def __init__(self, output_stride, norm_layer):
@@ -168,12 +168,12 @@ class AICSDMobileNetV2(nn.Module):
         if not return_feats:
             return self.high_level_features(low), low
         f = self.features
+        x7 = f[4:7](low)
+        x14 = f[7:14](x7)
+        high = f[14:](x14)
         feat0 = f[4].conv[0:2](low)
-        x = f[4:7](low)
-        feat1 = f[7].conv[0:2](x)
-        x = f[7:14](x)
-        feat2 = f[14].conv[0:2](x)
-        high = f[14:](x)
+        feat1 = f[7].conv[0:2](x7)
+        feat2 = f[14].conv[0:2](x14)
         return high, low, (feat0, feat1, feat2, high)
 
 

@@ -26,11 +26,11 @@ from common.engine.seed import seed_everything
 from common.engine.trainer import HookBase, Logging, PeriodicCheckpoint, PeriodicEval, Trainer
 from common.errors import UserError
 from common.evaluation import ConfusionMatrix, evaluate_main, write_results_json
-from common.io import atomic_open
+from common.io import atomic_open, output_dir
 from common.models import build_model
 from common.models.deeplabv3plus import BACKBONES, NOT_REBUILT, model_name
 from common.models.weights import load_checkpoint, load_state_dict_strict
-from common.recipes.options import str2bool
+from common.recipes.options import finite_float, str2bool
 
 DATASETS = ("pascal", "coco", "cityscapes")
 BACKBONE_CHOICES = ("resnet101", "resnet18", "xception", "drn", "mobilenet")
@@ -82,11 +82,12 @@ def add_common_flags(parser, *, kd):
         help="input batch size for testing; unused: validation runs one image at a time, as the original")
     add("--use-balanced-weights", action="store_true", default=False,
         help="whether to use balanced weights (default: False)")
-    add("--lr", type=float, default=None, metavar="LR", help="learning rate (default: base lr x batch / (6 x GPUs))")
+    add("--lr", type=finite_float, default=None, metavar="LR",
+        help="learning rate (default: base lr x batch / (6 x GPUs))")
     add("--lr-scheduler", type=str, default="poly", choices=["poly", "step", "cos"],
         help="lr scheduler mode: (default: poly)")
-    add("--momentum", type=float, default=0.9, metavar="M", help="momentum (default: 0.9)")
-    add("--weight-decay", type=float, default=5e-4, metavar="M", help="w-decay (default: 5e-4)")
+    add("--momentum", type=finite_float, default=0.9, metavar="M", help="momentum (default: 0.9)")
+    add("--weight-decay", type=finite_float, default=5e-4, metavar="M", help="w-decay (default: 5e-4)")
     add("--nesterov", action="store_true", default=False, help="whether use nesterov (default: False)")
     add("--no-cuda", action="store_true", default=False, help="disables CUDA training")
     add("--gpu-ids", type=str, default="0",
@@ -128,10 +129,10 @@ def add_common_flags(parser, *, kd):
 def add_kd_flags(parser):
     """The flags only ``train_kd.py`` has (§2.2), then the AICSD switches segkd adds (§4.3, §4.4, §6.3)."""
     add = parser.add_argument
-    add("--pa_lambda", type=float, default=None, help="pairwise loss (SKD pair-wise on ASPP features, §4.6.1)")
-    add("--pi_lambda", type=float, default=None, help="pixelwise loss (logit KD, §4.2)")
-    add("--lo_lambda", type=float, default=None, help="logits loss (the ICS loss, §4.3)")
-    add("--ic_lambda", type=float, default=None, help="ICKD-like loss, computed and never added (§4.6.2)")
+    add("--pa_lambda", type=finite_float, default=None, help="pairwise loss (SKD pair-wise on ASPP features, §4.6.1)")
+    add("--pi_lambda", type=finite_float, default=None, help="pixelwise loss (logit KD, §4.2)")
+    add("--lo_lambda", type=finite_float, default=None, help="logits loss (the ICS loss, §4.3)")
+    add("--ic_lambda", type=finite_float, default=None, help="ICKD-like loss, computed and never added (§4.6.2)")
     add("--teacher_path", type=str, default=os.environ.get("AICSD_TEACHER", "pretrained/deeplab-resnet.pth.tar"),
         help="teacher checkpoint (a dict with 'state_dict'), a plain path ($AICSD_TEACHER)")
     add("--ALW", action="store_true",
@@ -234,6 +235,7 @@ def open_run(args, info):
     resumes into its own folder), the data sets, the per-process batch and the iterations per epoch."""
     seed_everything(args.seed)
     resumes_state = bool(args.resume) and is_training_state(args.resume)
+    output_dir(args.save_dir, "--save-dir")
     saver = Saver(args.save_dir, args.dataset, args.checkname, is_main=info.is_main,
                   experiment_dir=Path(args.resume).parent if resumes_state else None)
     saver.save_experiment_config(args)
@@ -477,35 +479,29 @@ class OriginalLR(HookBase):
                              f"previous best = {self.best():.4f}")
 
 
-def epoch_weight(fn, steps_per_epoch):
-    """A :class:`~common.engine.step.Term` weight of the step from ``fn(epoch)`` (0-based epoch of the step)."""
-    return lambda step: fn(step // steps_per_epoch)
-
-
 class EpochSummary(HookBase):
     """The original's end-of-epoch lines: ``[Epoch: e, numImages: n]`` and the summed train loss (§2.3 step 7);
-    ``sink(epoch, loss)`` receives it too (wandb)."""
+    ``sink(epoch, loss)`` receives it too (wandb). n is the original's ``i * batch_size + image.shape[0]`` after
+    the last batch ``i`` of the epoch, i.e. ``images``, the images the epoch trains on (no ``drop_last``, §5.3)."""
 
-    def __init__(self, logger, steps_per_epoch, batch, total_name, sink=None):
+    def __init__(self, logger, steps_per_epoch, images, total_name, sink=None):
         self.logger = logger
         self.steps_per_epoch = steps_per_epoch
-        self.batch = batch
+        self.images = images
         self.total_name = total_name
         self.sink = sink
         self.total = 0.0
-        self.images = 0
 
     def after_step(self):
         t = self.trainer
         self.total += t.losses[self.total_name]
-        self.images += self.batch
         if (t.step + 1) % self.steps_per_epoch == 0:
             epoch = t.step // self.steps_per_epoch
             self.logger.info(f"[Epoch: {epoch}, numImages: {self.images:5d}]")
             self.logger.info(f"Loss: {self.total:.3f}")
             if self.sink is not None:
                 self.sink(epoch, self.total)
-            self.total, self.images = 0.0, 0
+            self.total = 0.0
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -515,10 +511,12 @@ class Validation:
     model_best.pth.tar) and ``results.json`` of that epoch.
 
     ``checkpoint(epoch, best)`` returns the dict to save (train.py includes the optimizer, train_kd.py not).
+    The ``numImages`` line prints the original's ``i * batch_size + image.shape[0]`` after the last val image
+    ``i``: (val images - 1) x ``batch_size`` (the training batch) + 1, since validation runs batch 1.
     """
 
     def __init__(self, model, vloader, saver, info, logger, *, num_classes, steps_per_epoch, fields, checkpoint,
-                 save_pred=None, sink=None):
+                 batch_size, save_pred=None, sink=None):
         self.model = model
         self.vloader = vloader
         self.saver = saver
@@ -528,6 +526,7 @@ class Validation:
         self.steps_per_epoch = steps_per_epoch
         self.fields = fields
         self.checkpoint = checkpoint
+        self.batch_size = batch_size
         self.save_pred = save_pred
         self.sink = sink
         self.results_path = saver.experiment_dir / "results.json"
@@ -541,7 +540,7 @@ class Validation:
                                whole=True, absent="nan", output_dir=out, palette="voc", progress=self.info.is_main)
         fwiou = fw_iou(result.confusion)
         self.logger.info("Validation:")
-        self.logger.info(f"[Epoch: {epoch}, numImages: {result.num_images:5d}]")
+        self.logger.info(f"[Epoch: {epoch}, numImages: {(result.num_images - 1) * self.batch_size + 1:5d}]")
         self.logger.info(f"Acc:{result.pixel_acc}, Acc_class:{result.mean_acc}, mIoU:{result.miou}, fwIoU: {fwiou}")
         if self.sink is not None:
             self.sink(epoch, result.miou)
@@ -635,7 +634,7 @@ def run_epochs(args, info, saver, logger, *, step, state, train_set, val_set, ba
     make_loader = epoch_loader_factory(train_set, seed=args.seed, batch=batch, info=info, workers=args.workers)
     validation = Validation(step.student, eval_loader(val_set, info), saver, info, logger,
                             num_classes=AICSD_NUM_CLASSES[args.dataset], steps_per_epoch=ipe, fields=fields,
-                            checkpoint=checkpoint, save_pred=args.save_pred,
+                            checkpoint=checkpoint, batch_size=args.batch_size, save_pred=args.save_pred,
                             sink=None if wandb is None else lambda e, miou: wandb.log({"mIoU": miou}))
     evaluation = PeriodicEval(validation.evaluate, on_best=validation.on_best, every=args.eval_interval * ipe,
                               final=False)
@@ -643,7 +642,7 @@ def run_epochs(args, info, saver, logger, *, step, state, train_set, val_set, ba
     hooks = [OriginalLR(optimizer_at or (lambda n: step.optimizer), args.lr_scheduler, args.lr, max_steps, ipe,
                         logger, best=lambda: evaluation.best or 0.0),
              Logging(logger, device=info.device, period=20, progress=info.is_main),
-             EpochSummary(logger, ipe, args.batch_size, step.total_name,
+             EpochSummary(logger, ipe, len(train_set) // info.world_size * info.world_size, step.total_name,
                           sink=None if wandb is None else lambda e, loss: wandb.log({"train loss": loss}))]
     if args.no_val:
         hooks.append(PeriodicCheckpoint(lambda n: saver.save_checkpoint(checkpoint(n // ipe - 1, best_pred), False),

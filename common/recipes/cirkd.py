@@ -32,11 +32,11 @@ from common.engine.trainer import HookBase
 from common.errors import UserError
 from common.evaluation import SegmentationMetric, predict_multiscale, write_results_json
 from common.evaluation.palette import resolve_palette, save_prediction_png
-from common.io import atomic_open
+from common.io import atomic_open, output_dir
 from common.losses.segmentation import CriterionDSN
 from common.models import build_model
 from common.models.weights import load_checkpoint, load_state_dict_strict
-from common.recipes.options import add_runtime_flags, apply_gpu
+from common.recipes.options import add_runtime_flags, apply_gpu, finite_float, positive_int
 from common.recipes.run import RunState, log_args, state_every, write_args_json
 
 IGNORE_LABEL = -1  # §1.2 --ignore-label -1; CIRKD's metric only understands -1 (§5.3)
@@ -65,7 +65,7 @@ def add_data_flags(parser, *, crop=(512, 1024), workers=8):
     parser.add_argument("--dataset", type=str, default="citys", choices=tuple(CIRKD_NUM_CLASSES),
                         help="dataset name (citys, voc, camvid, ade20k, coco_stuff_164k)")
     parser.add_argument("--data", type=str, default="./dataset/cityscapes/", help="dataset root")
-    parser.add_argument("--crop-size", type=int, nargs=2, default=list(crop), metavar=("H", "W"),
+    parser.add_argument("--crop-size", type=positive_int, nargs=2, default=list(crop), metavar=("H", "W"),
                         help="crop height and width")
     parser.add_argument("--workers", "-j", type=int, default=workers, metavar="N", help="dataloader threads")
 
@@ -86,9 +86,9 @@ def add_training_flags(parser):
     parser.add_argument("--batch-size", type=int, default=16, metavar="N",
                         help="total batch over all processes (split over them)")
     parser.add_argument("--max-iterations", type=int, default=40000, metavar="N", help="number of iterations")
-    parser.add_argument("--lr", type=float, default=0.02, metavar="LR", help="learning rate")
-    parser.add_argument("--momentum", type=float, default=0.9, metavar="M", help="momentum")
-    parser.add_argument("--weight-decay", type=float, default=1e-4, metavar="M", help="w-decay")
+    parser.add_argument("--lr", type=finite_float, default=0.02, metavar="LR", help="learning rate")
+    parser.add_argument("--momentum", type=finite_float, default=0.9, metavar="M", help="momentum")
+    parser.add_argument("--weight-decay", type=finite_float, default=1e-4, metavar="M", help="w-decay")
     parser.add_argument("--ignore-label", type=int, default=IGNORE_LABEL, metavar="N", help="ignore label")
     add_launch_flags(parser)
     parser.add_argument("--resume", type=str, default=None,
@@ -99,6 +99,8 @@ def add_training_flags(parser):
     parser.add_argument("--save-per-iters", type=int, default=800, help="per iters to save")
     parser.add_argument("--val-per-iters", type=int, default=800, help="per iters to val")
     parser.add_argument("--skip-val", action="store_true", default=False, help="skip validation during training")
+    for flag in ("--start_epoch", "--save-epoch", "--val-epoch"):  # §1.1: kept by the original, never read
+        parser.add_argument(flag, type=int, default=None, metavar="N", help="accepted and ignored, as the original")
     add = "added: "
     parser.add_argument("--train-list", default=None, help=f"{add}training list (default: the shipped CIRKD list)")
     parser.add_argument("--val-list", default=None, help=f"{add}validation list (default: the shipped CIRKD list)")
@@ -265,9 +267,10 @@ class Scores:
 
 
 def evaluate(model, loader, metric, device, *, scales=(1.0,), flip=False, on_sample=None):
-    """Whole-image inference averaging raw logits over ``scales`` and the flip, upsampled to the label size
-    (§5.1, §5.2), accumulated in ``metric`` and summed over the ranks. ``on_sample(i, image, logits, label, name)``
-    runs after each image (running log lines, prediction PNGs). Returns :class:`Scores`."""
+    """Whole-image inference averaging raw logits over ``scales`` (scaled size ``floor(H·s)``, the original's
+    ``scale_factor``) and the flip, upsampled to the label size (§5.1, §5.2), accumulated in ``metric`` and summed
+    over the ranks. ``on_sample(i, image, logits, label, name)`` runs after each image (running log lines,
+    prediction PNGs). Returns :class:`Scores`."""
     was_training = model.training
     model.eval()
     start = time.perf_counter()
@@ -275,7 +278,7 @@ def evaluate(model, loader, metric, device, *, scales=(1.0,), flip=False, on_sam
     with torch.no_grad():
         for i, (image, label, _, name) in enumerate(loader):
             image = image.to(device)
-            logits = predict_multiscale(model, image, tuple(label.shape[-2:]), scales, flip)
+            logits = predict_multiscale(model, image, tuple(label.shape[-2:]), scales, flip, rounding="floor")
             metric.update(logits, label.to(device))
             count += 1
             if on_sample is not None:
@@ -290,24 +293,25 @@ def evaluate(model, loader, metric, device, *, scales=(1.0,), flip=False, on_sam
 
 
 def palette_of(dataset):
-    """``get_color_pallete``: the Cityscapes colours for citys, the VOC palette otherwise."""
-    return resolve_palette("cityscapes" if dataset == "citys" else "voc")
+    """``get_color_pallete`` of ``--save-pred``: the Cityscapes colours with CIRKD's sky (0, 130, 180) for citys,
+    matplotlib's ``jet_r`` for coco_stuff_164k, the VOC palette otherwise (ADE20K: README Deviations)."""
+    return resolve_palette({"citys": "cirkd_cityscapes", "coco_stuff_164k": "jet_r"}.get(dataset, "voc"))
 
 
 def save_prediction(pred, folder, name, palette, image=None):
-    """``<folder>/<name>.png`` in the palette; with ``image`` (BGR minus mean, 3xHxW) also
-    ``<name>_blend.png``, the colour prediction blended half and half over the image (``--blend``)."""
-    save_prediction_png(pred, Path(folder) / f"{name}.png", palette)
+    """``<folder>/<name>.png``: the prediction in the palette or, with ``image`` (BGR minus mean, 3xHxW,
+    ``--blend``), ``0.3·image + 0.7·colour prediction`` under the same name, as the original's ``--blend``."""
     if image is None:
+        save_prediction_png(pred, Path(folder) / f"{name}.png", palette)
         return
     from PIL import Image
 
     rgb = (image.cpu().numpy().transpose(1, 2, 0) + np.asarray(IMG_MEAN_BGR))[:, :, ::-1]
-    rgb = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), mode="RGB")
+    rgb = Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), mode="RGB")
     mask = Image.fromarray(np.asarray(pred, np.uint8), mode="P")
     mask.putpalette(palette)
-    with atomic_open(Path(folder) / f"{name}_blend.png", "wb") as fh:
-        Image.blend(rgb, mask.convert("RGB"), 0.5).save(fh, format="PNG")
+    with atomic_open(Path(folder) / f"{name}.png", "wb") as fh:
+        Image.blend(rgb, mask.convert("RGB"), 0.7).save(fh, format="PNG")
 
 
 def eval_logger(name, path, enabled):
@@ -392,9 +396,11 @@ class CheckpointFiles:
         self.model = model
         self.info = info
 
-    def save(self, is_best=False):
+    def save(self, is_best=False, latest=True):
+        """Write the latest checkpoint (``latest=False``: it was just written) and copy it to the best one."""
         if self.info.is_main:
-            atomic_save(self.model.state_dict(), self.latest)
+            if latest:
+                atomic_save(self.model.state_dict(), self.latest)
             if is_best:
                 tmp = self.best.with_name(self.best.name + ".tmp")
                 shutil.copyfile(self.latest, tmp)
@@ -413,14 +419,15 @@ def load_resume_weights(model, path):
     return f"Resuming training, loaded {path}"
 
 
-def train(args, step, info, *, crop, stem, log_file, labels, fields, logger_name):
+def train(args, step, info, *, crop, stem, log_file, labels, fields, logger_name, latest_at_validation=False):
     """§1.2 step 7–8 / §1.3 step 7–8: the loop over ``max_iterations`` batches on the engine.
 
     Poly lr (it = 1..N with ``lr·(1 − (it−1)/N)^0.9``) before each step on the one SGD group; the original log
     line every ``--log-iter``; the latest checkpoint every ``--save-per-iters`` and at the end; validation every
     ``--val-per-iters`` (unless ``--skip-val``) with a copy to ``*_best_model.pth`` and ``results.json`` whenever
-    the mIoU improves. ``<save_dir>/<stem>_run/`` holds the added files: ``training_state.pth`` (``--resume-state``),
-    ``results.json``, ``args.json``, ``log.txt``, ``metrics.jsonl``.
+    the mIoU improves; ``latest_at_validation``: also the latest checkpoint at every validation (``train_baseline.py``).
+    ``<save_dir>/<stem>_run/`` holds the added files: ``training_state.pth`` (``--resume-state``), ``results.json``,
+    ``args.json``, ``log.txt``, ``metrics.jsonl``.
     """
     device = info.device
     save_dir = Path(os.path.expanduser(args.save_dir))
@@ -435,8 +442,10 @@ def train(args, step, info, *, crop, stem, log_file, labels, fields, logger_name
     else:
         start_step, resumed = 0, load_resume_weights(step.student, args.resume)
     train_set, val_set = train_val_sets(args, crop)
+    output_dir(save_dir, "--save-dir")
+    log_dir = output_dir(os.path.expanduser(args.log_dir), "--log-dir")
     logger = RunLogger(run_dir, logger_name, enabled=info.is_main, start_step=start_step)
-    handler = original_log(logger, Path(os.path.expanduser(args.log_dir)) / log_file, "a" if start_step else "w")
+    handler = original_log(logger, log_dir / log_file, "a" if start_step else "w")
     log_args(logger, args)
     logger.info(complexity_line(fields["model"], CIRKD_NUM_CLASSES[args.dataset]))
     if resumed:
@@ -456,10 +465,12 @@ def train(args, step, info, *, crop, stem, log_file, labels, fields, logger_name
     def validate(n):
         last["scores"] = scores = evaluate(step.student, vloader, make_metric(num_classes), device)
         logger.info(f"Iters: {n:d} validation pixAcc: {scores.pixel_acc:.3f}, mIoU: {scores.miou:.3f}")
+        if latest_at_validation:
+            files.save()
         return scores.miou
 
     def on_best(n, miou):
-        files.save(is_best=True)
+        files.save(is_best=True, latest=not latest_at_validation)
         scores = last["scores"]
         if info.is_main:
             extra = {**fields["extra"], "best_iteration": n, "val_images": scores.images,

@@ -1,12 +1,14 @@
 """Argparse helpers shared by the entry points of every lineage (the originals' ``options.py``, DESIGN.md
 "Fidelity").
 
-``str2bool`` is the originals' boolean parser; ``size_pair`` parses ``--input-size h,w``;
+``str2bool`` is the originals' boolean parser; ``finite_float`` is the type of every float flag (nan and
+inf refused); ``size_pair`` parses ``--input-size h,w``;
 ``add_runtime_flags`` adds the flags every entry point gained (``--device``, ``--norm``, and for
 training ``--seed``, ``--amp``, ``--num-workers``, ``--resume``), which never change the original
 behaviour at their defaults; ``apply_gpu`` is the originals' GPU convention.
 """
 import argparse
+import math
 import os
 
 from common.models.norm import ABN_NORMS
@@ -21,6 +23,17 @@ def str2bool(value):
     if value.lower() in ("no", "false", "f", "n", "0"):
         return False
     raise argparse.ArgumentTypeError(f"boolean value expected (true/false), got {value!r}")
+
+
+def finite_float(text):
+    """A float that is neither nan nor ±inf: the type of every float flag (``--lr nan`` trained to the end)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number expected, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def size_pair(text):
@@ -42,6 +55,17 @@ def non_negative_int(text):
         raise argparse.ArgumentTypeError(f"an integer >= 0 expected, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_int(text):
+    """An int > 0 (CIRKD's ``--crop-size H W``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an integer > 0 expected, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return value
 
 

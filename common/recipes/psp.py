@@ -1,12 +1,13 @@
 """The PSP-lineage recipe: what IFVD, CWD and the SKD journal code assemble from the rest of ``common``.
 
 specs/ifvd_skd.md §A.2.1, §A.3, §A.4.6, §B.2.2, §B.3, §C.3–C.8; specs/cwd.md §3.2. The three train scripts
-share the checks of the schedule and of the discriminator; building student (PSPNet-R18), teacher
-(PSPNet-R101) and SAGAN discriminator from their flags with clear errors; the originals' solvers; the task
-loss CE + 0.4·CE_aux on the named outputs; the Cityscapes sets with the shipped lists; the original per-step
-log line; and a save point's weights, evaluation and ``results.json`` (:class:`DistillRun`). What differs per
-paper (step indexing, save points and file names, teacher key layout, D optimizer and call order, terms)
-stays in the paper's script and is passed in.
+share the checks of the schedule and of the discriminator; building student (PSPNet-R18) and teacher
+(PSPNet-R101) from their flags with clear errors; the discriminator flags as parameters of the catalogue's
+methods (common/methods builds the terms, D and its optimizer) and a D resume; the G solver; the task loss
+CE + 0.4·CE_aux on the named outputs; the Cityscapes sets with the shipped lists; the original per-step log
+line; and a save point's weights, evaluation and ``results.json`` (:class:`DistillRun`). What differs per
+paper (step indexing, save points and file names, teacher key layout, methods and their presets) stays in the
+paper's script and is passed in.
 """
 import itertools
 import time
@@ -16,15 +17,15 @@ from common.datasets.cityscapes import CSTrainValSet, default_list
 from common.engine.checkpoint import atomic_save
 from common.engine.data import eval_loader
 from common.engine.dist import barrier
-from common.engine.lr import make_adam, make_sgd, poly_lr
-from common.engine.step import Adversary, Term
+from common.engine.lr import make_sgd, poly_lr
+from common.engine.step import Term
 from common.engine.trainer import HookBase
 from common.errors import UserError, flag_errors
 from common.evaluation import evaluate_main, write_results_json
-from common.losses import adversarial
 from common.losses.adversarial import check_adv_type
 from common.losses.segmentation import CriterionDSN
-from common.models import Discriminator, build_model
+from common.methods import build_method, method_context
+from common.models import build_model
 from common.models.pspnet import output_side
 from common.models.weights import load_checkpoint, load_state_dict_strict
 
@@ -109,13 +110,31 @@ def build_teacher(args, name, device, *, num_classes, hint, remap=None, return_f
     return teacher.to(device)
 
 
-def build_discriminator(args, num_classes, device, resume=None, flag="--D_ckpt_path"):
-    """D on the ``num_classes``-channel logits (§C.3), optionally loaded from the file ``resume``."""
-    disc = Discriminator(args.preprocess_GAN_mode, args.imsize_for_adv, args.adv_conv_dim, num_classes)
-    if resume is not None:
-        load_state_dict_strict(disc, load_checkpoint(str(resume), f"discriminator checkpoint ({flag})"),
-                               f"discriminator checkpoint {resume}")
-    return disc.to(device)
+def adversary_params(args, lambda_adv, on=True):
+    """The lineage's discriminator flags as parameters of a catalogue method (common/methods, §C.3–C.4):
+    λ_adv = ``lambda_adv``, ``--lambda-d``, ``--lambda-gp``, ``--adv-loss-type``, ``--lr-d``,
+    ``--preprocess-GAN-mode``, ``--adv-conv-dim``; without ``on`` no discriminator."""
+    if not on:
+        return {"adv": 0.0, "d": 0.0}
+    return {"adv": lambda_adv, "d": args.lambda_d, "gp": args.lambda_gp, "adv_type": args.adv_loss_type,
+            "d_lr": args.lr_d, "d_preprocess": args.preprocess_GAN_mode, "d_conv_dim": args.adv_conv_dim}
+
+
+def build_parts(args, student, teacher, methods, *, preset, num_classes, crop, d_resume=None,
+                d_flag="--D_ckpt_path"):
+    """The catalogue's terms, modules and discriminator of ``methods`` (``{name: {param: value}}`` in the
+    original's order, None for a method that is off) for the pair at ``crop`` (ignore 255, the run's norm and
+    steps); the discriminator loaded from the file ``d_resume`` when given."""
+    methods = {name: params for name, params in methods.items() if params is not None}
+    params = {f"{name}.{key}": value for name, values in methods.items() for key, value in values.items()}
+    ctx = method_context(student, teacher, num_classes=num_classes, ignore_index=255, norm=args.norm,
+                         total_steps=args.num_steps, crop=crop)
+    parts = build_method("+".join(methods) or "none", ctx, preset=preset if methods else None, **params)
+    if parts.adversary is not None and d_resume is not None:
+        load_state_dict_strict(parts.adversary.discriminator,
+                               load_checkpoint(str(d_resume), f"discriminator checkpoint ({d_flag})"),
+                               f"discriminator checkpoint {d_resume}")
+    return parts
 
 
 def load_student(name, path, flag, hint, *, num_classes, norm, device):
@@ -168,26 +187,6 @@ def build_g_optimizer(student, extra_modules=(), lr=0.01, momentum=0.9, weight_d
     (specs/cwd.md §5.3). Every group carries ``initial_lr``."""
     extra = [{"params": [p for p in m.parameters() if p.requires_grad]} for m in extra_modules]
     return make_sgd(student.parameters(), lr, momentum=momentum, weight_decay=weight_decay, extra_groups=extra)
-
-
-def build_d_optimizer(discriminator, kind="adam", lr=4e-4, betas=(0.9, 0.99), momentum=0.9, weight_decay=0.0):
-    """The ``D_solver`` over D's trainable parameters (the spectral-norm u/v vectors are excluded).
-
-    ``kind="adam"``: IFVD/CWD, Adam(lr, betas), no weight decay. ``kind="sgd"``: SKD, SGD(lr,
-    momentum, weight_decay = G's) (specs/ifvd_skd.md §C.8).
-    """
-    if kind == "adam":
-        return make_adam(discriminator.parameters(), lr, betas=betas, weight_decay=weight_decay)
-    if kind == "sgd":
-        return make_sgd(discriminator.parameters(), lr, momentum=momentum, weight_decay=weight_decay)
-    raise ValueError(f"build_d_optimizer: kind must be 'adam' or 'sgd', got {kind!r}")
-
-
-def build_adversary(args, discriminator, optimizer, *, lambda_adv, order):
-    """The holistic / adversarial part (§C.4) on the logits: ``lambda_adv``·G term, ``--lambda-d``·(D loss
-    + ``--lambda-gp``·GP for wgan-gp); ``order`` is the D step's call order of the original."""
-    return Adversary(discriminator, optimizer, args.lr_d, adversarial, adv_type=args.adv_loss_type,
-                     lambda_adv=lambda_adv, lambda_d=args.lambda_d, lambda_gp=args.lambda_gp, order=order)
 
 
 class OriginalLogLine(HookBase):

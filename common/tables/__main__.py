@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from common.errors import UserError, main_guard
-from common.tables.render import render_all
+from common.io import atomic_open, output_file
+from common.tables.render import render_all, render_comparisons
 from common.tables.schema import PAPERS
 
 DEFAULT_DIRS = ("ckpt", "runs", "demo_runs")
@@ -26,7 +27,8 @@ def main(argv=None) -> None:
     parser.add_argument("--results-dir", action="append", default=None,
                         help="directory to scan for results.json (repeatable; default: ./ckpt ./runs ./demo_runs "
                              "and $SEGKD_RESULTS)")
-    parser.add_argument("--paper", action="append", choices=PAPERS, default=None, help="only this paper (repeatable)")
+    parser.add_argument("--paper", action="append", choices=PAPERS, default=None,
+                        help="only this paper (repeatable; without it the comparison reports found are shown too)")
     parser.add_argument("--no-complexity", action="store_true", help="skip the computed Params/FLOPs columns")
     parser.add_argument("--output", default=None, help="also write the markdown to this file")
     args = parser.parse_args(argv)
@@ -35,9 +37,13 @@ def main(argv=None) -> None:
     if missing:
         raise UserError(f"results directory {missing[0]} does not exist; pass an existing --results-dir")
     text = render_all(args.paper or PAPERS, roots, complexity=not args.no_complexity)
+    comparisons = "" if args.paper else render_comparisons(roots)
+    if comparisons:
+        text += "\n\n" + comparisons
     sys.stdout.write(text + "\n")
     if args.output:
-        Path(args.output).write_text(text + "\n")
+        with atomic_open(output_file(args.output, "--output"), "w") as f:
+            f.write(text + "\n")
 
 
 if __name__ == "__main__":

@@ -198,6 +198,26 @@ def render_paper(paper: str, results: list[dict], complexity: bool = True) -> st
     return "\n".join(out)
 
 
+COMPARE_NAME = "compare.json"
+
+
+def render_comparisons(roots) -> str:
+    """The reports of ``python -m common.compare`` found under ``roots`` (their ``compare.json``), one after another;
+    empty when there is none."""
+    found = sorted({p.resolve() for root in map(Path, roots) if root.is_dir() for p in root.rglob(COMPARE_NAME)})
+    out = []
+    for path in found:
+        try:
+            markdown = json.loads(path.read_text())["markdown"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            print(f"warning: skipping {path}: not a comparison report ({err})", file=sys.stderr)
+            continue
+        out += [markdown.replace("## Comparison", "### Comparison", 1), f"Source: {path}.", ""]
+    if not out:
+        return ""
+    return "\n".join(["## Comparisons under one protocol (`python -m common.compare`)", "", *out])
+
+
 def render_all(papers=PAPERS, roots=(), complexity: bool = True) -> str:
     results = load_results(roots)
     return "\n".join(render_paper(p, results, complexity) for p in papers)

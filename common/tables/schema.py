@@ -16,7 +16,8 @@ from pathlib import Path
 from common.io import atomic_open
 
 SCHEMA_VERSION = 1
-PAPERS = ("skd", "ifvd", "cwd", "cirkd", "aicsd")
+PAPERS = ("skd", "ifvd", "cwd", "cirkd", "aicsd")  # the papers with tables (common/tables/reported/<paper>.json)
+RESULT_PAPERS = PAPERS + ("distill",)  # "distill": `python -m common.distill` runs, in no paper table
 SCALES = ("full", "demo")
 REQUIRED_FIELDS = ("paper", "method", "model", "dataset", "split", "miou", "iterations", "crop", "batch", "seed")
 OPTIONAL_FIELDS = ("iou", "pixel_acc", "mean_acc", "scale", "code_version", "wall_time_s", "images_per_s",
@@ -71,8 +72,8 @@ def make_result(**fields) -> dict:
     if missing:
         raise ValueError(f"missing required results fields {missing}")
     res = {k: fields.get(k) for k in REQUIRED_FIELDS + OPTIONAL_FIELDS}
-    if res["paper"] not in PAPERS:
-        raise ValueError(f"results field 'paper' must be one of {PAPERS}, got {res['paper']!r}")
+    if res["paper"] not in RESULT_PAPERS:
+        raise ValueError(f"results field 'paper' must be one of {RESULT_PAPERS}, got {res['paper']!r}")
     for key in ("method", "model", "dataset", "split"):
         if not isinstance(res[key], str) or not res[key]:
             raise ValueError(f"results field {key!r} must be a non-empty string, got {res[key]!r}")

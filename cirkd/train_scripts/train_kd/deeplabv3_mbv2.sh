@@ -11,5 +11,6 @@ require TEACHER "DeepLabV3-ResNet101 checkpoint of this dataset"
 BACKBONE_MOBILENETV2=$(imagenet mobilenetv2-imagenet.pth)
 launch train_kd.py --teacher-model deeplabv3 --teacher-backbone resnet101 --student-model deeplab_mobile --student-backbone mobilenetv2 \
     --dataset citys --data "$CITYSCAPES" --teacher-pretrained "$TEACHER" \
+    --minibatch-group 2 \
     --save-dir "$SAVE_DIR" --log-dir "$LOG_DIR" --student-pretrained-base "$BACKBONE_MOBILENETV2" \
     "${DEMO_FLAGS[@]}" "$@"

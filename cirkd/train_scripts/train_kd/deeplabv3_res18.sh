@@ -11,5 +11,6 @@ require TEACHER "DeepLabV3-ResNet101 checkpoint of this dataset"
 BACKBONE_RESNET18=$(imagenet resnet18-imagenet.pth)
 launch train_kd.py --teacher-model deeplabv3 --teacher-backbone resnet101 --student-model deeplabv3 --student-backbone resnet18 \
     --dataset citys --data "$CITYSCAPES" --teacher-pretrained "$TEACHER" \
+    --minibatch-group 2 \
     --save-dir "$SAVE_DIR" --log-dir "$LOG_DIR" --student-pretrained-base "$BACKBONE_RESNET18" \
     "${DEMO_FLAGS[@]}" "$@"

@@ -10,5 +10,6 @@ TEACHER=${TEACHER:-$SAVE_DIR/deeplabv3_resnet101_citys_best_model.pth}
 require TEACHER "DeepLabV3-ResNet101 checkpoint of this dataset"
 launch train_kd.py --teacher-model deeplabv3 --teacher-backbone resnet101 --student-model deeplabv3 --student-backbone resnet18 \
     --dataset citys --data "$CITYSCAPES" --teacher-pretrained "$TEACHER" \
+    --minibatch-group 2 \
     --save-dir "$SAVE_DIR" --log-dir "$LOG_DIR" --student-pretrained-base None \
     "${DEMO_FLAGS[@]}" "$@"

@@ -13,6 +13,7 @@ BACKBONE_RESNET18=$(imagenet resnet18-imagenet.pth)
 launch train_cirkd.py --teacher-model deeplabv3 --teacher-backbone resnet101 --student-model deeplabv3 --student-backbone resnet18 \
     --dataset ade20k --data "$ADE20K" --teacher-pretrained "$TEACHER" \
     --batch-size 16 --crop-size 512 512 --lr 0.02 --max-iterations 40000 \
+    --minibatch-group 2 \
     --save-dir "$SAVE_DIR" --log-dir "$LOG_DIR" --student-pretrained-base "$BACKBONE_RESNET18" \
     "${DEMO_FLAGS[@]}" "$@"
 

@@ -13,6 +13,7 @@ BACKBONE_RESNET18=$(imagenet resnet18-imagenet.pth)
 launch train_cirkd.py --teacher-model deeplabv3 --teacher-backbone resnet101 --student-model psp --student-backbone resnet18 \
     --dataset camvid --data "$CAMVID" --teacher-pretrained "$TEACHER" \
     --crop-size 360 360 \
+    --minibatch-group 2 \
     --save-dir "$SAVE_DIR" --log-dir "$LOG_DIR" --student-pretrained-base "$BACKBONE_RESNET18" \
     "${DEMO_FLAGS[@]}" "$@"
 

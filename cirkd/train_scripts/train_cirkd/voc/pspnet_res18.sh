@@ -14,6 +14,7 @@ launch train_cirkd.py --teacher-model deeplabv3 --teacher-backbone resnet101 --s
     --dataset voc --data "$VOC" --teacher-pretrained "$TEACHER" \
     --crop-size 512 512 \
     --lambda-memory-pixel 0.01 --lambda-memory-region 0.01 \
+    --minibatch-group 2 \
     --save-dir "$SAVE_DIR" --log-dir "$LOG_DIR" --student-pretrained-base "$BACKBONE_RESNET18" \
     "${DEMO_FLAGS[@]}" "$@"
 
