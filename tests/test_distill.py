@@ -16,19 +16,10 @@ from common.engine.step import TrainStep
 from common.errors import main_guard
 from common.methods import list_methods, method_info, method_params
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 REPO = Path(__file__).resolve().parents[1]
 STUDENT, TEACHER = "espnet_c", "cirkd_pspnet_mobilenetv2"
 CITYSCAPES_FIRST_CLASSES = ["road", "sidewalk", "building"]  # specs/ifvd_skd.md §C.5 trainId order
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: tiny convolutions on a loaded 2-core machine are many times slower with two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
