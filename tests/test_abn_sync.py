@@ -1,7 +1,6 @@
 """InPlaceABNSync over torch.distributed (specs/inplace_abn.md §5.4, §6.6): two gloo processes with per-rank
 batches 3 and 5 (and 0 and 8) equal one process on the concatenated batch of 8. Needs `make build-abn`."""
 import datetime
-import socket
 import warnings
 
 import pytest
@@ -10,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from common.abn import InPlaceABN, InPlaceABNSync, extension_available
+from tests.helpers_dist import free_port
 
 SPLITS = ((3, 5), (0, 8))  # unequal per-rank batches; an empty rank must neither hang nor change the result
 C = 4
@@ -61,14 +61,8 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_ranks_with_unequal_batches_equal_one_process(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     x, grad = _data()
     single = InPlaceABN(C).double()
     single.load_state_dict(_state(), strict=True)

@@ -2,7 +2,6 @@
 steps on its shard, DDP averages the gradients): one ``TrainStep`` on 2 gloo ranks x 2 images equals one process
 on the 4 images — the averaged gradients and the parameters after the first SGD step, in float64."""
 import datetime
-import socket
 
 import torch
 import torch.distributed as dist
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.engine.step import Term, TrainStep
+from tests.helpers_dist import free_port
 
 WORLD, PER_RANK = 2, 2
 
@@ -50,12 +50,6 @@ def one_step(images, labels):
             {f"param.{k}": p.detach().clone() for k, p in named.items()})
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
@@ -71,7 +65,7 @@ def _worker(rank, port, out_dir):
 
 
 def test_two_ranks_average_to_one_process_on_the_whole_batch(tmp_path):
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="fork")
+    mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="fork")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

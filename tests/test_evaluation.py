@@ -2,7 +2,6 @@
 import json
 import math
 import os
-import socket
 import tempfile
 
 import numpy as np
@@ -30,6 +29,7 @@ from common.evaluation import (
 )
 from common.evaluation.inference import resize_image, scaled_size
 from common.tables.schema import read_results
+from tests.helpers_dist import free_port
 
 
 # ---------------------------------------------------------------- ports of the originals (reference only)
@@ -214,12 +214,6 @@ def test_cirkd_segmentation_metric_matches_original_and_quirks():
     assert nan_metric.get()[1] == pytest.approx(1.0)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _dist_worker(rank, world, port, out_dir):
     import torch.distributed as dist
 
@@ -241,7 +235,7 @@ def _dist_worker(rank, world, port, out_dir):
 
 def test_all_reduce_sums_over_two_gloo_ranks():
     with tempfile.TemporaryDirectory() as out:
-        mp.start_processes(_dist_worker, args=(2, _free_port(), out), nprocs=2, join=True, start_method="fork")
+        mp.start_processes(_dist_worker, args=(2, free_port(), out), nprocs=2, join=True, start_method="fork")
         r0, r1 = (np.load(os.path.join(out, f"r{i}.npz")) for i in range(2))
         assert np.array_equal(r0["total"], r0["local"] + r1["local"])
         assert np.array_equal(r1["total"], r0["total"]) and float(r0["label"]) == 200.0

@@ -2,7 +2,6 @@
 original code (specs/cirkd.md §3.2-§3.4, float64, values and gradients) and the invariants of §9."""
 import copy
 import datetime
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 
 from common.losses.cirkd import MemoryContrast, MiniBatchPixelRelation, per_class_contrast_size
 from common.losses.kd import LogitKD
+from tests.helpers_dist import free_port
 
 # ---- transcriptions of the original (losses/loss.py, losses/memory_loss.py at 7e0d21f), CPU instead of .cuda()
 
@@ -592,14 +592,8 @@ def _memory_worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_gloo_ranks_keep_identical_queues_equal_to_one_process(tmp_path):
-    mp.spawn(_memory_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_memory_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     single = make_memory()
     s, t, labels = memory_inputs(images=4)

@@ -2,7 +2,6 @@
 concatenated batch of 8 (forward, input and parameter gradients, running statistics); one process with a
 process group of one equals nn.BatchNorm2d too (torch's own kernel refuses CPU tensors there)."""
 import datetime
-import socket
 
 import torch
 import torch.distributed as dist
@@ -10,6 +9,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from common.models.norm import SyncBatchNorm, norm_layer
+from tests.helpers_dist import free_port
 
 SPLITS = ((3, 5), (0, 8))
 C = 4
@@ -41,12 +41,6 @@ def _run(module, x, grad, steps=2):
             "rm": module.running_mean.clone(), "rv": module.running_var.clone()}
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _init(rank, world_size, port):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=60))
@@ -70,7 +64,7 @@ def test_syncbn_name_is_a_sync_batchnorm():
 
 
 def test_two_gloo_ranks_equal_batchnorm_on_the_whole_batch(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     x, grad = _data()
     want = _run(_module(nn.BatchNorm2d), x, grad)
     tol = dict(rtol=1e-10, atol=1e-10)
@@ -86,7 +80,7 @@ def test_two_gloo_ranks_equal_batchnorm_on_the_whole_batch(tmp_path):
 
 
 def test_one_process_group_on_cpu_equals_batchnorm():
-    _init(0, 1, _free_port())
+    _init(0, 1, free_port())
     try:
         x, grad = _data()
         got = _run(_module(SyncBatchNorm), x, grad)

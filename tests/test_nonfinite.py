@@ -12,7 +12,6 @@ import importlib
 import inspect
 import json
 import math
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from common.datasets import synthetic
 from common.engine import Adversary, Term, TrainStep
 from common.errors import NonFiniteLoss
 from common.recipes.options import finite_float
+from tests.helpers_dist import free_port
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -224,12 +224,6 @@ def test_a_nan_discriminator_loss_stops_before_the_d_update():
     assert repr(step.adversary.optimizer.state_dict()) == repr(d_opt_before)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _dist_worker(rank, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
@@ -251,7 +245,7 @@ def _dist_worker(rank, port, out_dir):
 def test_a_nan_on_one_rank_stops_every_rank_at_that_step(tmp_path):
     """Under torchrun the check is one all-reduce: rank 1's nan at step 1 stops rank 0 at step 1 too, before
     either updates (no rank is left waiting in the gradient all-reduce)."""
-    mp.start_processes(_dist_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_dist_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert r0["steps"] == r1["steps"] == [0] and "error" in r0 and "error" in r1, (r0, r1)
     assert r1["error"].startswith("the training loss became non-finite at step 1 (0-based, as in metrics.jsonl) "
